@@ -1,0 +1,493 @@
+"""Shared upstream downloads (request coalescing) and the clients that follow them.
+
+A :class:`Download` fetches one URL once, writes the body into a store
+writer as it arrives, and tells everyone waiting on it what happened
+(:class:`Outcome`).  Each client of a body being stored is a
+:class:`Follower`: a push producer that reads the bytes already written at
+its own pace, so a slow client never holds the download back and nothing
+is buffered per client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from enum import Enum
+from typing import Any
+
+from attrs import frozen
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.iweb import IResponse
+from zope.interface import implementer
+
+from . import headers as H
+from . import policy
+from .config import Rule
+from .entry import Header, StoredResponse
+from .errors import BodyMissing, StoreFull, UpstreamTimeout
+from .interfaces import IBodyWriter, ICacheStore, IPartialReader, IUpstream
+from .upstream import headers_from_pairs, pairs_from_headers
+
+_log = Logger()
+CHUNK = 256 * 1024
+
+
+class Kind(Enum):
+    """What a download turned into, from one waiting client's point of view."""
+
+    STREAM = "stream"
+    """A storable body is arriving: follow it."""
+    NOT_MODIFIED = "not-modified"
+    """The stale entry was refreshed by a 304: serve it."""
+    ERROR = "error"
+    """Upstream failed (``failure``) or answered 5xx (``status``)."""
+    PASSTHROUGH = "passthrough"
+    """An unstorable response, handed whole to the one client that asked first."""
+    RETRY = "retry"
+    """Not usable for this client (other variant, or passthrough taken): fetch alone."""
+
+
+@frozen
+class Outcome:
+    kind: Kind
+    status: int = 0
+    phrase: str = ""
+    headers: tuple[Header, ...] = ()
+    entry: StoredResponse | None = None
+    failure: Failure | None = None
+    response: IResponse | None = None
+
+
+@frozen
+class FetchSettings:
+    """The parts of the configuration a download needs."""
+
+    negative_ttl: float
+    max_object_size: int
+    read_timeout: float
+
+
+class Download:
+    """One upstream GET of ``url``, shared by every client that wants it."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        upstream_url: str,
+        request_headers: list[Header],
+        client_headers: list[Header],
+        stale: StoredResponse | None,
+        rule: Rule,
+        store: ICacheStore,
+        upstream: IUpstream,
+        clock: Any,
+        settings: FetchSettings,
+        mirrored: bool = False,
+        on_done: Callable[[Download], None] = lambda d: None,
+    ) -> None:
+        self.url = url
+        self._upstream_url = upstream_url
+        self._request_headers = request_headers
+        self._client_headers = client_headers
+        self.stale = stale
+        self._rule = rule
+        self._store = store
+        self._upstream = upstream
+        self._clock = clock
+        self._settings = settings
+        self._mirrored = mirrored
+        self._on_done = on_done
+        self._waiters: list[defer.Deferred[Outcome]] = []
+        self._outcome: Outcome | None = None
+        self._passthrough_taken = False
+        self._followers: set[Follower] = set()
+        self._writer: IBodyWriter | None = None
+        self.vary: tuple[str, ...] = ()
+        self.variant = ""
+        self.total: int | None = None
+        self.body_complete = False
+        self.failure: Failure | None = None
+        self.entry: StoredResponse | None = None
+        self.started_at = clock.seconds()
+
+    # -- public ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Send the upstream request."""
+        pairs = list(self._request_headers)
+        if self.stale is not None:
+            pairs += policy.validators(self.stale)
+        d = self._upstream.request(
+            b"GET",
+            self._upstream_url.encode("ascii"),
+            headers_from_pairs(pairs),
+            mirrored=self._mirrored,
+        )
+        d.addCallbacks(self._got_response, self._got_error)
+        d.addErrback(self._internal_error)
+
+    def wait(self, client_headers: Iterable[Header]) -> defer.Deferred[Outcome]:
+        """Fires with what this download means for a client with these headers."""
+        items = list(client_headers)
+        if self._outcome is not None:
+            return defer.succeed(self._outcome_for(items))
+        d: defer.Deferred[Outcome] = defer.Deferred()
+        d.addCallback(lambda outcome: self._outcome_for(items, outcome))
+        self._waiters.append(d)
+        return d
+
+    @property
+    def bytes_written(self) -> int:
+        return 0 if self._writer is None else int(self._writer.bytes_written)
+
+    @property
+    def done(self) -> bool:
+        return self.body_complete or self.failure is not None
+
+    @property
+    def clients(self) -> int:
+        return len(self._followers)
+
+    def follow(
+        self,
+        consumer: IConsumer,
+        on_finish: Callable[[Failure | None], None],
+        start: int = 0,
+        end: int | None = None,
+    ) -> Follower:
+        """Attach a client that reads the body ``[start, end)`` as it arrives."""
+        assert self._writer is not None
+        follower = Follower(self, self._writer.open_reader(), consumer, on_finish, start, end)
+        self._followers.add(follower)
+        follower.begin()
+        return follower
+
+    # -- outcome ---------------------------------------------------------------
+
+    def _outcome_for(
+        self, client_headers: list[Header], outcome: Outcome | None = None
+    ) -> Outcome:
+        outcome = outcome or self._outcome
+        assert outcome is not None
+        if outcome.kind is Kind.STREAM:
+            if self.failure is not None or (
+                policy.variant_of(self.vary, client_headers) != self.variant
+            ):
+                return Outcome(Kind.RETRY)
+        elif outcome.kind is Kind.NOT_MODIFIED:
+            assert outcome.entry is not None
+            entry = outcome.entry
+            if policy.variant_of(entry.vary, client_headers) != entry.variant:
+                return Outcome(Kind.RETRY)
+        elif outcome.kind is Kind.PASSTHROUGH:
+            if self._passthrough_taken:
+                return Outcome(Kind.RETRY)
+            self._passthrough_taken = True
+        return outcome
+
+    def _decide(self, outcome: Outcome) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(outcome)
+        if outcome.kind is Kind.PASSTHROUGH and not self._passthrough_taken:
+            # Every client went away before the head came.
+            assert outcome.response is not None
+            outcome.response.deliverBody(_Discard())
+        if outcome.kind is not Kind.STREAM:
+            self._on_done(self)
+
+    # -- upstream events -------------------------------------------------------
+
+    def _got_error(self, failure: Failure) -> None:
+        self.failure = failure
+        self._decide(Outcome(Kind.ERROR, failure=failure))
+
+    def _internal_error(self, failure: Failure) -> None:
+        _log.failure("download of {url} failed internally", failure, url=self.url)
+        if self._outcome is None:
+            self._got_error(failure)
+
+    def _got_response(self, response: IResponse) -> defer.Deferred[None] | None:
+        status = response.code
+        headers = H.end_to_end(pairs_from_headers(response.headers))
+        phrase = response.phrase.decode("latin-1", "replace")
+        if status == 304 and self.stale is not None:
+            response.deliverBody(_Discard())
+            return defer.Deferred.fromCoroutine(self._refresh(headers))
+        if status >= 500:
+            response.deliverBody(_Discard())
+            self._decide(Outcome(Kind.ERROR, status=status, phrase=phrase))
+            return None
+        length = response.length if isinstance(response.length, int) else None
+        vary = policy.parse_vary(headers)
+        if (
+            vary is None
+            or not policy.is_storable(
+                self._rule, status, headers, self._settings.negative_ttl
+            )
+            or (length is not None and length > self._settings.max_object_size)
+        ):
+            self._decide(
+                Outcome(Kind.PASSTHROUGH, status, phrase, tuple(headers), response=response)
+            )
+            return None
+        return defer.Deferred.fromCoroutine(
+            self._stream(response, status, phrase, headers, vary, length)
+        )
+
+    async def _refresh(self, headers: list[Header]) -> None:
+        assert self.stale is not None
+        entry = policy.refreshed(self.stale, headers, self._clock.seconds())
+        try:
+            entry = await self._store.update(entry)
+        except BodyMissing:
+            self._decide(Outcome(Kind.RETRY))
+            return
+        self.entry = entry
+        self._decide(Outcome(Kind.NOT_MODIFIED, entry=entry))
+
+    async def _stream(
+        self,
+        response: IResponse,
+        status: int,
+        phrase: str,
+        headers: list[Header],
+        vary: tuple[str, ...],
+        length: int | None,
+    ) -> None:
+        try:
+            self._writer = await self._store.open_writer(self.url)
+        except Exception:
+            _log.failure("cannot store {url}; passing it through", url=self.url)
+            self._decide(
+                Outcome(Kind.PASSTHROUGH, status, phrase, tuple(headers), response=response)
+            )
+            return
+        self.vary = vary
+        self.variant = policy.variant_of(vary, self._client_headers)
+        self.total = length
+        self._status, self._headers = status, headers
+        self._decide(Outcome(Kind.STREAM, status, phrase, tuple(headers)))
+        response.deliverBody(_BodyReceiver(self, self._clock, self._settings.read_timeout))
+
+    def _data(self, data: bytes) -> None:
+        assert self._writer is not None
+        try:
+            self._writer.write(data)
+        except StoreFull as e:
+            _log.error("store full while downloading {url}: {e}", url=self.url, e=e)
+            raise
+        for follower in list(self._followers):
+            follower.wake()
+
+    def _body_end(self, reason: Failure) -> None:
+        assert self._writer is not None
+        written = self.bytes_written
+        ok = reason.check(ResponseDone) or (
+            reason.check(PotentialDataLoss) and self.total is None
+        )
+        if ok and self.total is not None and written != self.total:
+            ok = False
+        if not ok:
+            _log.warn(
+                "download of {url} broke off after {n} bytes: {why}",
+                url=self.url,
+                n=written,
+                why=reason.getErrorMessage(),
+            )
+            self.failure = reason
+            self._writer.abort()
+            self._wake_all()
+            self._on_done(self)
+            return
+        self.body_complete = True
+        self._wake_all()
+        if written > self._settings.max_object_size:
+            self._writer.abort()
+            self._on_done(self)
+            return
+        entry = StoredResponse(
+            url=self.url,
+            variant=self.variant,
+            vary=self.vary,
+            status=self._status,
+            headers=tuple(self._headers),
+            stored_at=self._clock.seconds(),
+            initial_age=policy.parse_age(self._headers),
+        )
+        d = self._writer.commit(entry)
+
+        def committed(stored: StoredResponse) -> None:
+            self.entry = stored
+
+        def not_committed(failure: Failure) -> None:
+            _log.failure("could not store {url}", failure, url=self.url)
+
+        d.addCallbacks(committed, not_committed)
+        d.addBoth(lambda _: self._on_done(self))
+
+    def _wake_all(self) -> None:
+        for follower in list(self._followers):
+            follower.wake()
+
+    def _forget(self, follower: Follower) -> None:
+        self._followers.discard(follower)
+
+
+class _Discard(Protocol):
+    """Reads and drops a body we do not want (keeps the connection reusable)."""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        pass
+
+
+class _BodyReceiver(Protocol):
+    """Feeds an upstream body into its download, with an idle timeout."""
+
+    def __init__(self, download: Download, clock: Any, read_timeout: float) -> None:
+        self._download = download
+        self._clock = clock
+        self._read_timeout = read_timeout
+        self._timer: IDelayedCall | None = None
+        self._error: Failure | None = None
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self._timer = self._clock.callLater(self._read_timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._abort(Failure(UpstreamTimeout(f"upstream silent for {self._read_timeout:g}s")))
+
+    def _abort(self, failure: Failure) -> None:
+        self._error = failure
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._error is not None:
+            return
+        if self._timer is not None:
+            self._timer.reset(self._read_timeout)
+        try:
+            self._download._data(data)
+        except StoreFull as e:
+            self._abort(Failure(e))
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802,B008
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._download._body_end(self._error or reason)
+
+
+@implementer(IPushProducer)
+class Follower:
+    """One client reading a download's body from the store writer at its own pace."""
+
+    def __init__(
+        self,
+        download: Download,
+        reader: IPartialReader,
+        consumer: IConsumer,
+        on_finish: Callable[[Failure | None], None],
+        start: int,
+        end: int | None,
+    ) -> None:
+        self._download = download
+        self._reader = reader
+        self._consumer = consumer
+        self._on_finish = on_finish
+        self.offset = start
+        self._end = end
+        self._paused = False
+        self._finished = False
+        self._pumping = False
+        self._again = False
+
+    def begin(self) -> None:
+        self._consumer.registerProducer(self, True)
+        self._pump()
+
+    def wake(self) -> None:
+        if not self._paused:
+            self._pump()
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self._paused = True
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self._finish(Failure(ConnectionDone("client went away")), unregister=False)
+
+    def _pump(self) -> None:
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        try:
+            self._again = True
+            while self._again and not self._finished:
+                self._again = False
+                self._pump_once()
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
+        download = self._download
+        while not self._paused and not self._finished:
+            available = download.bytes_written
+            limit = available if self._end is None else min(self._end, available)
+            if self.offset < limit:
+                data = self._reader.read(self.offset, min(CHUNK, limit - self.offset))
+                if not data:
+                    self._finish(Failure(BodyMissing(download.url)))
+                    return
+                self.offset += len(data)
+                self._consumer.write(data)
+                continue
+            if download.failure is not None:
+                self._finish(download.failure)
+            elif download.body_complete:
+                self._finish(None)
+            elif self._end is not None and self.offset >= self._end:
+                self._finish(None)
+            return
+
+    def _finish(self, failure: Failure | None, unregister: bool = True) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._download._forget(self)
+        self._reader.close()
+        if unregister:
+            self._consumer.unregisterProducer()
+        self._on_finish(failure)
+
+
+class Downloads:
+    """The downloads in flight, by normalised URL (for coalescing and status)."""
+
+    def __init__(self) -> None:
+        self.in_flight: dict[str, Download] = {}
+
+    def get(self, url: str) -> Download | None:
+        return self.in_flight.get(url)
+
+    def add(self, download: Download) -> None:
+        self.in_flight[download.url] = download
+
+    def remove(self, download: Download) -> None:
+        if self.in_flight.get(download.url) is download:
+            del self.in_flight[download.url]
+
+
+__all__ = ["CHUNK", "Download", "Downloads", "FetchSettings", "Follower", "Kind", "Outcome"]

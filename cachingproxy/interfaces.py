@@ -1,0 +1,140 @@
+"""The seams of cachingproxy: where one implementation can be swapped for another.
+
+Every method that may do I/O returns a Deferred so that a backend that keeps
+bodies somewhere remote (S3-compatible object storage) fits the same seam.
+Bodies are never handed out as paths: they are read through producers
+(:meth:`ICacheStore.read`) or, while being written, through
+:class:`IPartialReader`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IConsumer
+    from twisted.web.http_headers import Headers
+    from twisted.web.iweb import IBodyProducer, IResponse
+
+    from .entry import StoredResponse
+
+
+class IPartialReader(Interface):
+    """Random access to the bytes a writer has written so far."""
+
+    def read(offset: int, length: int) -> bytes:
+        """
+        Return up to ``length`` bytes starting at ``offset``.
+
+        Only bytes below the writer's ``bytes_written`` at the time of the
+        call are returned; reading never blocks on the network.  Keeps working
+        after the writer commits (the body moved into place) or aborts.
+        """
+
+    def close() -> None:
+        """Release the reader's resources.  Idempotent."""
+
+
+class IBodyWriter(Interface):
+    """A body being written to the store; invisible to lookups until committed."""
+
+    bytes_written = Attribute("int: bytes accepted by write() so far.")
+
+    def write(data: bytes) -> None:
+        """
+        Append ``data``.  Synchronous.
+
+        @raise StoreFull: the backend has no room (e.g. ENOSPC); the writer is
+            then unusable except for ``abort``.
+        """
+
+    def open_reader() -> IPartialReader:
+        """A new independent reader of the bytes written so far (and later)."""
+
+    def commit(entry: StoredResponse) -> Deferred[StoredResponse]:
+        """
+        Make the body and ``entry`` visible atomically.
+
+        ``entry.size``, ``entry.digest`` and ``entry.body_ref`` are filled in by
+        the writer; a previous entry with the same ``(url, variant)`` is
+        replaced.  Fires with the stored entry.  After a crash at any point
+        nothing partial is ever visible.
+        """
+
+    def abort() -> Deferred[None]:
+        """Discard everything written.  Idempotent; no-op after commit."""
+
+
+class ICacheStore(Interface):
+    """Cached responses: metadata in an index, bodies read through producers."""
+
+    def lookup(url: str) -> Deferred[list[StoredResponse]]:
+        """All stored variants of normalised ``url`` (possibly empty)."""
+
+    def read(
+        entry: StoredResponse,
+        consumer: IConsumer,
+        start: int = 0,
+        end: int | None = None,
+    ) -> Deferred[None]:
+        """
+        Write bytes ``[start, end)`` of ``entry``'s body to ``consumer``.
+
+        Registers a streaming producer with ``consumer`` (and unregisters it
+        when done), honouring backpressure.  Fires with None once every byte
+        was written.
+
+        @raise BodyMissing: (as a failure) the body is gone; nothing was
+            written in that case.
+        @raise ConnectionDone: (as a failure) the consumer stopped the
+            producer before the end.
+        """
+
+    def open_writer(url: str) -> Deferred[IBodyWriter]:
+        """Begin storing a new body for ``url``."""
+
+    def update(entry: StoredResponse) -> Deferred[StoredResponse]:
+        """
+        Replace the metadata of an existing entry, keeping its body.
+
+        Used after a 304 refresh.  Identified by ``(url, variant)``; the
+        ``body_ref``, ``size`` and ``digest`` of ``entry`` must be the stored
+        ones.
+
+        @raise BodyMissing: (as a failure) the entry is no longer stored.
+        """
+
+    def remove(url: str, variant: str | None = None) -> Deferred[int]:
+        """Drop the variants of ``url`` (only ``variant`` when given); fires
+        with the number of entries removed."""
+
+    def close() -> Deferred[None]:
+        """Flush and release resources."""
+
+
+class IUpstream(Interface):
+    """Sends requests to origin servers."""
+
+    def request(
+        method: bytes,
+        url: bytes,
+        headers: Headers,
+        body: IBodyProducer | None = None,
+        *,
+        mirrored: bool = False,
+    ) -> Deferred[IResponse]:
+        """
+        Send one request and fire with the response once its head arrived.
+
+        ``mirrored`` requests (configured by the operator) may use any port;
+        others only the allowed upstream ports.
+
+        @raise DestinationRefused: the resolved address or port is not allowed.
+        @raise UpstreamTimeout: no connection or no response head in time.
+        """
+
+
+__all__ = ["IBodyWriter", "ICacheStore", "IPartialReader", "IUpstream"]

@@ -1,0 +1,520 @@
+"""The request handler: routes a request and serves it from cache or upstream."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionDone,
+    DNSLookupError,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer, ResponseNeverReceived
+from twisted.web.iweb import IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from . import __version__, pages, policy
+from . import headers as H
+from .config import ProxyConfig, Rule
+from .download import Download, Downloads, FetchSettings, Kind, Outcome
+from .entry import Header, StoredResponse
+from .errors import BodyMissing, DestinationRefused, UpstreamTimeout
+from .interfaces import ICacheStore, IUpstream
+from .responses import PassThrough, abort, send_error, set_head
+from .routing import BadRequest, Listener, classify
+from .routing import Kind as RouteKind
+from .upstream import DNSLookupFailed, headers_from_pairs, pairs_from_headers
+
+_log = Logger()
+
+# Request headers never sent upstream on the cached path: the proxy makes
+# its own conditional and range requests.
+_CACHED_PATH_DROP = frozenset(
+    {
+        "host",
+        "range",
+        "if-range",
+        "if-none-match",
+        "if-modified-since",
+        "if-match",
+        "if-unmodified-since",
+        "via",
+    }
+)
+
+
+class ProxyResource(Resource):
+    """twisted.web glue: every request, whatever its path, goes to ``Proxy``."""
+
+    isLeaf = True
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__()
+        self._proxy = proxy
+
+    def render(self, request: Request) -> Any:
+        d = defer.Deferred.fromCoroutine(self._proxy.handle(request))
+        d.addErrback(self._proxy.crashed, request)
+        return NOT_DONE_YET
+
+
+class Proxy:
+    """Serves requests per SPEC 2-5 with a store, an upstream and a clock."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        store: ICacheStore,
+        upstream: IUpstream,
+        clock: Any,
+        *,
+        access_log: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.upstream = upstream
+        self.clock = clock
+        self.downloads = Downloads()
+        self.rules: tuple[Rule, ...] = config.rules + policy.default_rules(
+            config.index_ttl
+        )
+        self.via_name = config.names[0] if config.names else "cachingproxy"
+        self.via = f"1.1 {self.via_name} (cachingproxy/{__version__})"
+        self._names = frozenset(n.lower() for n in config.names)
+        self._settings = FetchSettings(
+            negative_ttl=config.negative_ttl,
+            max_object_size=config.max_object_size,
+            read_timeout=config.read_timeout,
+        )
+        self._access_log = access_log
+
+    # -- entry point -----------------------------------------------------------
+
+    async def handle(self, request: Request) -> None:
+        started = self.clock.seconds()
+        info: dict[str, Any] = {"cache": "-", "upstream": "-"}
+        request.notifyFinish().addBoth(self._log_request, request, started, info)
+        client = request.getClientAddress()
+        host = getattr(client, "host", None)
+        if host is not None and not self._client_allowed(host):
+            _log.warn("refused client {client}", client=host)
+            return self._error(request, 403, "client not allowed", info)
+        if self._is_loop(request):
+            return self._error(request, 508, "loop detected (Via)", info)
+        method = request.method.decode("latin-1")
+        target = request.uri.decode("latin-1")
+        local = request.getHost()
+        listener = Listener(
+            getattr(local, "host", ""), getattr(local, "port", 0), self._names
+        )
+        host_values = request.requestHeaders.getRawHeaders(b"host")
+        if host_values is not None and len(host_values) > 1:
+            return self._error(request, 400, "several Host headers", info)
+        try:
+            route = classify(
+                method,
+                target,
+                host_values[0].decode("latin-1") if host_values else None,
+                listener,
+            )
+        except BadRequest as e:
+            _log.info("bad request from {client}: {e}", client=host, e=e)
+            return self._error(request, 400, str(e), info)
+        if route.kind is RouteKind.CONNECT:
+            return self._error(request, 501, "CONNECT is not supported yet", info)
+        if route.kind is RouteKind.SELF:
+            return pages.render(request, route.path, self)
+        info["url"] = route.url
+        info["upstream"] = route.url.split("/", 3)[2]
+        client_headers = pairs_from_headers(request.requestHeaders)
+        rule = policy.select_rule(self.rules, route.url)
+        if policy.request_bypass(rule, method, client_headers) is not None:
+            return await self._bypass(request, route.url, method, client_headers, info)
+        await self._cached(request, route.url, rule, client_headers, info)
+
+    def crashed(self, failure: Failure, request: Request) -> None:
+        _log.failure("error while serving {uri!r}", failure, uri=request.uri)
+        if request.finished or request._disconnected:
+            return
+        if request.startedWriting:
+            abort(request)
+        else:
+            send_error(request, 500, "internal error", cache="-", via=self.via)
+
+    # -- checks ----------------------------------------------------------------
+
+    def _client_allowed(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.config.allow_client)
+
+    def _is_loop(self, request: Request) -> bool:
+        for value in request.requestHeaders.getRawHeaders(b"via", []):
+            for hop in value.decode("latin-1").split(","):
+                parts = hop.split()
+                if len(parts) >= 2 and parts[1].lower() == self.via_name.lower():
+                    return True
+        return False
+
+    # -- the cached path -------------------------------------------------------
+
+    async def _cached(
+        self,
+        request: Request,
+        url: str,
+        rule: Rule,
+        client_headers: list[Header],
+        info: dict[str, Any],
+    ) -> None:
+        head_only = request.method == b"HEAD"
+        entry = policy.select_variant(await self.store.lookup(url), client_headers)
+        now = self.clock.seconds()
+        if entry is not None:
+            age = policy.current_age(entry, now)
+            fresh = policy.is_fresh(
+                rule, entry, now, self.config.index_ttl, self.config.negative_ttl
+            )
+            if fresh and not policy.request_wants_revalidation(rule, client_headers, age):
+                return await self._serve_entry(request, entry, "HIT", client_headers, info)
+            if self.config.offline:
+                return await self._serve_entry(
+                    request, entry, "OFFLINE", client_headers, info
+                )
+        elif self.config.offline:
+            return self._error(request, 504, "not cached and --offline", info, "OFFLINE")
+        if head_only and entry is None:
+            return await self._bypass(request, url, "HEAD", client_headers, info, "MISS")
+        download = self.downloads.get(url)
+        if download is None:
+            download = self._new_download(url, rule, client_headers, entry, shared=True)
+        outcome = await download.wait(client_headers)
+        if outcome.kind is Kind.RETRY:
+            download = self._new_download(url, rule, client_headers, entry, shared=False)
+            outcome = await download.wait(client_headers)
+        await self._serve_outcome(
+            request, download, outcome, rule, entry, client_headers, info
+        )
+
+    def _new_download(
+        self,
+        url: str,
+        rule: Rule,
+        client_headers: list[Header],
+        stale: StoredResponse | None,
+        *,
+        shared: bool,
+    ) -> Download:
+        upstream_headers = [
+            (k, v) for k, v in H.end_to_end(client_headers)
+            if k.lower() not in _CACHED_PATH_DROP
+        ]
+        upstream_headers.append(("Via", self._upstream_via(client_headers)))
+        download = Download(
+            url=url,
+            upstream_url=url,
+            request_headers=upstream_headers,
+            client_headers=client_headers,
+            stale=stale,
+            rule=rule,
+            store=self.store,
+            upstream=self.upstream,
+            clock=self.clock,
+            settings=self._settings,
+            on_done=self.downloads.remove,
+        )
+        if shared:
+            self.downloads.add(download)
+        download.start()
+        return download
+
+    async def _serve_outcome(
+        self,
+        request: Request,
+        download: Download,
+        outcome: Outcome,
+        rule: Rule,
+        stale: StoredResponse | None,
+        client_headers: list[Header],
+        info: dict[str, Any],
+    ) -> None:
+        if outcome.kind is Kind.STREAM:
+            return await self._follow(request, download, outcome, client_headers, info)
+        if outcome.kind is Kind.NOT_MODIFIED:
+            assert outcome.entry is not None
+            return await self._serve_entry(
+                request, outcome.entry, "REVALIDATED", client_headers, info
+            )
+        if outcome.kind is Kind.PASSTHROUGH:
+            assert outcome.response is not None
+            return self._pass_through(request, outcome.response, outcome, "MISS", info)
+        # ERROR (or a second RETRY, which cannot normally happen)
+        now = self.clock.seconds()
+        if stale is not None and policy.stale_allowed(
+            rule,
+            stale,
+            now,
+            self.config.index_ttl,
+            self.config.negative_ttl,
+            self.config.max_stale,
+        ):
+            _log.info(
+                "upstream failed for {url}; serving stale: {why}",
+                url=download.url,
+                why=_describe(outcome),
+            )
+            return await self._serve_entry(request, stale, "STALE", client_headers, info)
+        status, message = _error_status(outcome)
+        return self._error(request, status, message, info, "MISS")
+
+    async def _serve_entry(
+        self,
+        request: Request,
+        entry: StoredResponse,
+        cache: str,
+        client_headers: list[Header],
+        info: dict[str, Any],
+    ) -> None:
+        info["cache"] = cache
+        age = policy.current_age(entry, self.clock.seconds())
+        if policy.not_modified(entry, client_headers):
+            set_head(request, 304, entry.headers, cache=cache, via=self.via, age=age)
+            request.responseHeaders.removeHeader(b"content-length")
+            request.finish()
+            return
+        start, end, status = 0, entry.size, entry.status
+        extra: list[Header] = []
+        range_value = H.get(client_headers, "range")
+        if status == 200 and range_value and policy.if_range_matches(entry, client_headers):
+            byte_range = policy.parse_range(range_value, entry.size)
+            if byte_range is policy.Unsatisfiable.RANGE:
+                set_head(
+                    request,
+                    416,
+                    [("Content-Range", f"bytes */{entry.size}")],
+                    cache=cache,
+                    via=self.via,
+                    age=age,
+                    length=0,
+                )
+                request.finish()
+                return
+            if isinstance(byte_range, policy.ByteRange):
+                start, end, status = byte_range.start, byte_range.end, 206
+                extra = [("Content-Range", f"bytes {start}-{end - 1}/{entry.size}")]
+        set_head(
+            request,
+            status,
+            [*entry.headers, *extra],
+            cache=cache,
+            via=self.via,
+            age=age,
+            length=end - start,
+        )
+        if request.method == b"HEAD" or end == start:
+            request.finish()
+            return
+        try:
+            await self.store.read(entry, request, start, end)
+        except BodyMissing:
+            _log.warn("body of {url} vanished; dropping the entry", url=entry.url)
+            await self.store.remove(entry.url, entry.variant)
+            abort(request)
+            return
+        except ConnectionDone:
+            return
+        if not request._disconnected:
+            request.finish()
+
+    async def _follow(
+        self,
+        request: Request,
+        download: Download,
+        outcome: Outcome,
+        client_headers: list[Header],
+        info: dict[str, Any],
+    ) -> None:
+        info["cache"] = "MISS"
+        status, start, end = outcome.status, 0, download.total
+        extra: list[Header] = []
+        range_value = H.get(client_headers, "range")
+        if status == 200 and range_value and download.total is not None:
+            byte_range = policy.parse_range(range_value, download.total)
+            if isinstance(byte_range, policy.ByteRange):
+                start, end, status = byte_range.start, byte_range.end, 206
+                extra = [
+                    ("Content-Range", f"bytes {start}-{end - 1}/{download.total}")
+                ]
+        set_head(
+            request,
+            status,
+            [*outcome.headers, *extra],
+            cache="MISS",
+            via=self.via,
+            age=0,
+            length=None if end is None else end - start,
+            phrase=outcome.phrase if status == outcome.status else None,
+        )
+        done: defer.Deferred[Failure | None] = defer.Deferred()
+        follower = download.follow(request, done.callback, start, end)
+        request.notifyFinish().addErrback(lambda _: follower.stopProducing())
+        failure = await done
+        if request._disconnected or request.finished:
+            return
+        if failure is None:
+            request.finish()
+        else:
+            abort(request)
+
+    # -- the uncached path -----------------------------------------------------
+
+    async def _bypass(
+        self,
+        request: Request,
+        url: str,
+        method: str,
+        client_headers: list[Header],
+        info: dict[str, Any],
+        cache: str = "BYPASS",
+    ) -> None:
+        if self.config.offline:
+            return self._error(request, 504, "--offline", info, "OFFLINE")
+        headers = [
+            (k, v) for k, v in H.end_to_end(client_headers)
+            if k.lower() not in ("host", "via")
+        ]
+        headers.append(("Via", self._upstream_via(client_headers)))
+        body = None
+        content = request.content
+        if content is not None and (
+            request.requestHeaders.hasHeader(b"content-length")
+            or request.requestHeaders.hasHeader(b"transfer-encoding")
+        ):
+            content.seek(0)
+            body = FileBodyProducer(content)
+        try:
+            response = await self.upstream.request(
+                method.encode("latin-1"), url.encode("ascii"), headers_from_pairs(headers), body
+            )
+        except Exception:
+            status, message = _error_status(Outcome(Kind.ERROR, failure=Failure()))
+            return self._error(request, status, message, info, cache)
+        outcome = Outcome(
+            Kind.PASSTHROUGH,
+            response.code,
+            response.phrase.decode("latin-1", "replace"),
+            tuple(H.end_to_end(pairs_from_headers(response.headers))),
+        )
+        self._pass_through(request, response, outcome, cache, info)
+
+    def _pass_through(
+        self,
+        request: Request,
+        response: IResponse,
+        outcome: Outcome,
+        cache: str,
+        info: dict[str, Any],
+    ) -> None:
+        info["cache"] = cache
+        length = response.length if isinstance(response.length, int) else None
+        set_head(
+            request,
+            outcome.status,
+            outcome.headers,
+            cache=cache,
+            via=self.via,
+            length=length,
+            phrase=outcome.phrase,
+        )
+        if request.method == b"HEAD" or outcome.status in (204, 304) or (
+            request._disconnected
+        ):
+            response.deliverBody(_drain())
+            if not request._disconnected:
+                request.finish()
+            return
+        response.deliverBody(PassThrough(request, response))
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _upstream_via(self, client_headers: list[Header]) -> str:
+        previous = H.get(client_headers, "via")
+        return f"{previous}, {self.via}" if previous else self.via
+
+    def _error(
+        self,
+        request: Request,
+        status: int,
+        message: str,
+        info: dict[str, Any],
+        cache: str = "-",
+    ) -> None:
+        info["cache"] = cache
+        if not request._disconnected and not request.finished:
+            send_error(request, status, message, cache=cache, via=self.via)
+
+    def _log_request(
+        self, _: object, request: Request, started: float, info: dict[str, Any]
+    ) -> None:
+        if self._access_log is None:
+            return
+        client = request.getClientAddress()
+        self._access_log(
+            {
+                "time": started,
+                "client": getattr(client, "host", "-"),
+                "method": request.method.decode("latin-1"),
+                "url": info.get("url") or request.uri.decode("latin-1"),
+                "status": request.code,
+                "bytes": request.sentLength,
+                "duration_ms": int((self.clock.seconds() - started) * 1000),
+                "cache": info["cache"],
+                "upstream": info["upstream"],
+            }
+        )
+
+
+def _drain() -> Any:
+    from .download import _Discard
+
+    return _Discard()
+
+
+def _describe(outcome: Outcome) -> str:
+    if outcome.failure is not None:
+        return outcome.failure.getErrorMessage()
+    return f"upstream answered {outcome.status} {outcome.phrase}"
+
+
+def _error_status(outcome: Outcome) -> tuple[int, str]:
+    """The status and message for a client when upstream failed."""
+    if outcome.failure is None:
+        if outcome.status:
+            return outcome.status, f"upstream answered {outcome.status} {outcome.phrase}"
+        return 502, "upstream response unusable"
+    failure = outcome.failure
+    if failure.check(ResponseNeverReceived):
+        reasons = getattr(failure.value, "reasons", [])
+        if reasons:
+            failure = reasons[0]
+    if failure.check(DestinationRefused):
+        return 403, f"destination refused: {failure.getErrorMessage()}"
+    if failure.check(UpstreamTimeout):
+        return 504, f"upstream timed out: {failure.getErrorMessage()}"
+    if failure.check(DNSLookupFailed, DNSLookupError):
+        return 502, f"upstream name not found: {failure.getErrorMessage()}"
+    if failure.check(ConnectError):
+        return 502, f"cannot connect upstream: {failure.getErrorMessage()}"
+    return 502, f"upstream failed: {failure.getErrorMessage()}"
+
+
+__all__ = ["Proxy", "ProxyResource"]

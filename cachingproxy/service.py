@@ -1,0 +1,126 @@
+"""The service tree ``twistd cachingproxy`` runs: store, upstream, listeners."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from .accesslog import AccessLog
+from .config import ProxyConfig
+from .interfaces import ICacheStore
+from .proxy import Proxy, ProxyResource
+from .store import DiskStore
+from .upstream import DestinationPolicy, Upstream
+
+_log = Logger()
+
+
+class _QuietSite(Site):
+    """A Site that leaves access logging to cachingproxy's own access log."""
+
+    displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class ProxyService(Service):
+    """Opens the cache, builds the proxy and listens on every endpoint."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        reactor: Any = None,
+        store: ICacheStore | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.config = config
+        self.reactor = reactor
+        self.store = store
+        self.proxy: Proxy | None = None
+        self.upstream: Upstream | None = None
+        self.ports: list[IListeningPort] = []
+        self.access_log: AccessLog | None = None
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        config = self.config
+        if self.store is None:
+            try:
+                self.store = DiskStore.open(config.cache_dir, reactor=self.reactor)
+            except Exception as e:
+                _fatal(f"--cache-dir {config.cache_dir}: cannot open the cache: {e}")
+        policy = DestinationPolicy(
+            allow_upstream=config.allow_upstream,
+            upstream_ports=config.upstream_ports,
+        )
+        self.upstream = Upstream(
+            self.reactor,
+            policy,
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            upstream_ca=config.upstream_ca,
+        )
+        if config.access_log is not None:
+            self.access_log = AccessLog(config.access_log)
+        assert self.store is not None
+        self.proxy = Proxy(
+            config, self.store, self.upstream, self.reactor, access_log=self.access_log
+        )
+        site = _QuietSite(ProxyResource(self.proxy))
+        for description in config.listen:
+            d = serverFromString(self.reactor, description).listen(site)
+            d.addCallback(self._listening, description)
+            d.addErrback(self._listen_failed, description)
+
+    def _listening(self, port: IListeningPort, description: str) -> None:
+        self.ports.append(port)
+        _log.info("cachingproxy listening on {where}", where=description)
+
+    def _listen_failed(self, failure: Failure, description: str) -> None:
+        message = f"--listen {description}: {failure.getErrorMessage()}"
+        if self.reactor.running:
+            _log.critical("{message}", message=message)
+            self.reactor.stop()
+        else:
+            _fatal(message)
+
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        ports, self.ports = self.ports, []
+        for port in ports:
+            await port.stopListening()
+        if self.upstream is not None:
+            await self.upstream.close()
+        if self.store is not None:
+            await self.store.close()
+        if self.access_log is not None:
+            self.access_log.close()
+
+
+def _fatal(message: str) -> None:
+    """Stop start-up with an error line, not a traceback."""
+    print(f"cachingproxy: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def make_service(config: ProxyConfig, reactor: object | None = None) -> IService:
+    """The service ``twistd cachingproxy`` runs."""
+    return ProxyService(config, reactor)
+
+
+__all__ = ["ProxyService", "make_service"]
