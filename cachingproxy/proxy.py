@@ -343,7 +343,8 @@ class Proxy:
         client_headers: list[Header],
         info: dict[str, Any],
     ) -> None:
-        info["cache"] = "MISS"
+        # A body that is complete but not yet committed is already ours.
+        cache = info["cache"] = "HIT" if download.body_complete else "MISS"
         status, start, end = outcome.status, 0, download.total
         extra: list[Header] = []
         range_value = H.get(client_headers, "range")
@@ -358,7 +359,7 @@ class Proxy:
             request,
             status,
             [*outcome.headers, *extra],
-            cache="MISS",
+            cache=cache,
             via=self.via,
             age=0,
             length=None if end is None else end - start,

@@ -11,6 +11,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
 from .accesslog import AccessLog
@@ -23,13 +24,47 @@ from .upstream import DestinationPolicy, Upstream
 _log = Logger()
 
 
+class _Channel(HTTPChannel):
+    """An HTTP/1.1 channel that tells its site when it is gone."""
+
+    site: _QuietSite
+
+    def connectionMade(self) -> None:  # noqa: N802
+        super().connectionMade()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.site.channels.add(self)
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
+        self.site.channels.discard(self)
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.lost.callback(None)
+
+
 class _QuietSite(Site):
-    """A Site that leaves access logging to cachingproxy's own access log."""
+    """A Site that leaves access logging to cachingproxy's own access log and
+    keeps track of its connections so that shutdown can close them."""
 
     displayTracebacks = False
+    noisy = False
+    protocol = _Channel
+
+    def __init__(self, resource: Any) -> None:
+        super().__init__(resource)
+        self.channels: set[_Channel] = set()
 
     def log(self, request: Any) -> None:
         pass
+
+    def close_connections(self) -> defer.Deferred[None]:
+        """Drop every client connection; fires when all are gone."""
+        channels = list(self.channels)
+        for channel in channels:
+            channel.transport.abortConnection()
+        return defer.DeferredList([c.lost for c in channels]).addCallback(
+            lambda _: None
+        )
 
 
 class ProxyService(Service):
@@ -52,6 +87,7 @@ class ProxyService(Service):
         self.upstream: Upstream | None = None
         self.ports: list[IListeningPort] = []
         self.access_log: AccessLog | None = None
+        self.site: _QuietSite | None = None
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
@@ -78,7 +114,7 @@ class ProxyService(Service):
         self.proxy = Proxy(
             config, self.store, self.upstream, self.reactor, access_log=self.access_log
         )
-        site = _QuietSite(ProxyResource(self.proxy))
+        site = self.site = _QuietSite(ProxyResource(self.proxy))
         for description in config.listen:
             d = serverFromString(self.reactor, description).listen(site)
             d.addCallback(self._listening, description)
@@ -104,6 +140,8 @@ class ProxyService(Service):
         ports, self.ports = self.ports, []
         for port in ports:
             await port.stopListening()
+        if self.site is not None:
+            await self.site.close_connections()
         if self.upstream is not None:
             await self.upstream.close()
         if self.store is not None:
