@@ -1,0 +1,65 @@
+"""The proxy's configuration as frozen values, built from options and TOML."""
+
+from __future__ import annotations
+
+import math
+import re
+from ipaddress import IPv4Network, IPv6Network
+
+from attrs import field, frozen
+
+Network = IPv4Network | IPv6Network
+
+FOREVER = math.inf
+"""Rule TTL meaning: fresh forever."""
+
+
+@frozen
+class Rule:
+    """One freshness rule: URLs matching ``pattern`` (re.search) get ``ttl``.
+
+    ``ttl`` is seconds (``FOREVER`` = math.inf for immutable files, ``0`` =
+    revalidate every time) or None for ``origin`` (RFC 9111 shared-cache
+    semantics).  ``store=False`` bypasses the cache entirely.
+    """
+
+    pattern: re.Pattern[str]
+    ttl: float | None
+    store: bool = True
+    name: str = ""
+
+
+DEFAULT_ALLOW_CLIENT = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+    "fe80::/10",
+)
+
+
+@frozen
+class ProxyConfig:
+    """Everything the running proxy needs to know, validated."""
+
+    listen: tuple[str, ...] = ("tcp:3128",)
+    cache_dir: str = ""
+    max_size: int = 20 * 1024**3
+    max_object_size: int = 8 * 1024**3
+    index_ttl: float = 300.0
+    negative_ttl: float = 60.0
+    max_stale: float | None = None
+    """None = unlimited."""
+    offline: bool = False
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    allow_client: tuple[Network, ...] = ()
+    allow_upstream: tuple[Network, ...] = ()
+    upstream_ports: frozenset[int] = frozenset({80, 443})
+    upstream_ca: str | None = None
+    names: tuple[str, ...] = ("localhost",)
+    access_log: str | None = None
+    rules: tuple[Rule, ...] = field(default=())
+    """Operator rules from the config file; they come before the default rules."""
