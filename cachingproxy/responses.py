@@ -104,7 +104,7 @@ class PassThrough(Protocol):
     def _client_lost(self, _: Failure) -> None:
         self._client_gone = True
         if self.transport is not None and not self.finished:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def connectionMade(self) -> None:  # noqa: N802
         if self._client_gone:

@@ -120,4 +120,12 @@ def classify(
     return Route(Kind.TRANSPARENT, url=url)
 
 
-__all__ = ["BadRequest", "Kind", "Listener", "Route", "classify", "is_self", "split_host"]
+__all__ = [
+    "BadRequest",
+    "Kind",
+    "Listener",
+    "Route",
+    "classify",
+    "is_self",
+    "split_host",
+]

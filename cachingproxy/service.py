@@ -8,6 +8,7 @@ from typing import Any
 from twisted.application.service import IService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,6 +25,9 @@ from .upstream import DestinationPolicy, Upstream
 _log = Logger()
 
 
+_DONE = Failure(ConnectionDone())
+
+
 class _Channel(HTTPChannel):
     """An HTTP/1.1 channel that tells its site when it is gone."""
 
@@ -34,7 +38,7 @@ class _Channel(HTTPChannel):
         self.lost: defer.Deferred[None] = defer.Deferred()
         self.site.channels.add(self)
 
-    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = _DONE) -> None:  # noqa: N802
         self.site.channels.discard(self)
         try:
             super().connectionLost(reason)
@@ -48,7 +52,7 @@ class _QuietSite(Site):
 
     displayTracebacks = False
     noisy = False
-    protocol = _Channel
+    protocol = _Channel  # type: ignore[assignment]
 
     def __init__(self, resource: Any) -> None:
         super().__init__(resource)
@@ -61,7 +65,7 @@ class _QuietSite(Site):
         """Drop every client connection; fires when all are gone."""
         channels = list(self.channels)
         for channel in channels:
-            channel.transport.abortConnection()
+            channel.transport.abortConnection()  # type: ignore[union-attr]
         return defer.DeferredList([c.lost for c in channels]).addCallback(
             lambda _: None
         )
@@ -139,7 +143,7 @@ class ProxyService(Service):
     async def _stop(self) -> None:
         ports, self.ports = self.ports, []
         for port in ports:
-            await port.stopListening()
+            await defer.maybeDeferred(port.stopListening)
         if self.site is not None:
             await self.site.close_connections()
         if self.upstream is not None:

@@ -15,15 +15,18 @@ from typing import Any
 from attrs import frozen
 from OpenSSL import crypto
 from twisted.internet import defer, threads
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet._sslverify import IOpenSSLTrustRoot
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.logger import Logger
 from twisted.web.client import (
     URI,
@@ -127,10 +130,10 @@ class _CheckedEndpoint:
         self._port = uri.port
         self._tls = uri.scheme == b"https"
 
-    def connect(self, protocol_factory: Factory) -> defer.Deferred[Protocol]:
+    def connect(self, protocol_factory: IProtocolFactory) -> defer.Deferred[IProtocol]:
         return defer.Deferred.fromCoroutine(self._connect(protocol_factory))
 
-    async def _connect(self, protocol_factory: Factory) -> Protocol:
+    async def _connect(self, protocol_factory: IProtocolFactory) -> IProtocol:
         f = self._factory
         host = self._host.strip("[]")
         try:
@@ -160,7 +163,7 @@ class _CheckedEndpoint:
             creator = f.tls.creatorForNetloc(self._host.encode("ascii"), self._port)
             endpoint = wrapClientTLS(creator, endpoint)
         try:
-            protocol: Protocol = await endpoint.connect(protocol_factory)
+            protocol: IProtocol = await endpoint.connect(protocol_factory)
         except ConnectTimeoutError as e:
             raise UpstreamTimeout(f"connect to {host}:{self._port} timed out") from e
         return protocol
