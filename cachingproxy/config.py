@@ -61,5 +61,7 @@ class ProxyConfig:
     upstream_ca: str | None = None
     names: tuple[str, ...] = ("localhost",)
     access_log: str | None = None
+    admin_token: str | None = None
+    """Bearer token that unlocks admin actions from non-loopback clients."""
     rules: tuple[Rule, ...] = field(default=())
     """Operator rules from the config file; they come before the default rules."""

@@ -194,6 +194,13 @@ def _parse_access_log(value: object) -> str:
     return path
 
 
+def _parse_token(value: object) -> str:
+    """A bearer token: printable ASCII without spaces, at least 16 characters."""
+    if isinstance(value, str) and re.fullmatch(r"[\x21-\x7e]{16,}", value):
+        return value
+    raise ValueError("must be at least 16 printable characters without spaces")
+
+
 def _parse_bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -226,6 +233,7 @@ SETTINGS: Mapping[str, _Setting] = {
     "upstream-ca": _Setting("upstream_ca", parse_ca_file),
     "name": _Setting("names", parse_name, repeatable=True),
     "access-log": _Setting("access_log", _parse_access_log),
+    "admin-token": _Setting("admin_token", _parse_token),
 }
 """Every option that can come from the command line or the config file,
 by its long name (which is also its config-file key)."""

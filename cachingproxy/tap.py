@@ -103,6 +103,13 @@ class Options(usage.Options):
             " [default: none]",
         ],
         [
+            "admin-token",
+            None,
+            None,
+            "Bearer token that unlocks admin actions (DELETE /cache) from"
+            " non-loopback clients. [default: none]",
+        ],
+        [
             "config",
             None,
             None,

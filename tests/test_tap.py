@@ -492,6 +492,7 @@ class BadValueTests(_EnvMixin):
             ("access-log", "/nonexistent/dir/access.log", "does not exist"),
             ("access-log", str(self.tmp), "is a directory"),
             ("config", str(self.tmp / "missing.toml"), "cannot read"),
+            ("admin-token", "short", "at least 16 printable characters"),
         ]
         for option, value, problem in cases:
             message = self.parse_error(f"--{option}={value}")
