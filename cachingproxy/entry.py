@@ -1,4 +1,5 @@
-"""The value objects that cross the store seam: a stored response's metadata."""
+"""The value objects that cross the store seam: a stored response's metadata
+and a store's usage."""
 
 from __future__ import annotations
 
@@ -46,4 +47,14 @@ class StoredResponse:
         return evolve(self, **changes)  # type: ignore[arg-type]
 
 
-__all__ = ["Header", "StoredResponse"]
+@frozen
+class Usage:
+    """What a store holds: committed body ``bytes`` and ``entries``, against
+    its ``max_size`` budget (None when unbounded)."""
+
+    bytes: int
+    entries: int
+    max_size: int | None
+
+
+__all__ = ["Header", "StoredResponse", "Usage"]

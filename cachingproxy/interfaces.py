@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from twisted.web.http_headers import Headers
     from twisted.web.iweb import IBodyProducer, IResponse
 
-    from .entry import StoredResponse
+    from .entry import StoredResponse, Usage
 
 
 class IPartialReader(Interface):
@@ -94,7 +94,13 @@ class ICacheStore(Interface):
         """
 
     def open_writer(url: str) -> Deferred[IBodyWriter]:
-        """Begin storing a new body for ``url``."""
+        """
+        Begin storing a new body for ``url``.
+
+        The writer's commit fails with StoreFull (and stores nothing) if the
+        body is larger than the store's whole ``max_size``; otherwise it may
+        evict least recently used entries to make room.
+        """
 
     def update(entry: StoredResponse) -> Deferred[StoredResponse]:
         """
@@ -110,6 +116,28 @@ class ICacheStore(Interface):
     def remove(url: str, variant: str | None = None) -> Deferred[int]:
         """Drop the variants of ``url`` (only ``variant`` when given); fires
         with the number of entries removed."""
+
+    def remove_prefix(prefix: str) -> Deferred[int]:
+        """Drop every entry whose normalised URL starts with ``prefix`` (all
+        variants); fires with the number of entries removed."""
+
+    def touch(entry: StoredResponse) -> None:
+        """
+        Record that ``entry`` was used now (served from the cache).
+
+        Synchronous and cheap: the store may batch uses and write them later.
+        Least recently used entries are evicted first when the store is over
+        its ``max_size``.  Unknown or removed entries are ignored.
+        """
+
+    def usage() -> Usage:
+        """
+        The bytes and entries stored now, and the budget.  Synchronous.
+
+        Kept as counters; a store shared with another process (the
+        ``cachingproxy-cache`` tool) picks up that process's changes within
+        a few seconds.
+        """
 
     def close() -> Deferred[None]:
         """Flush and release resources."""

@@ -5,28 +5,47 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
 import sqlite3
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IConsumer,
+    IDelayedCall,
     IProducer,
     IPushProducer,
     IReactorThreads,
+    IReactorTime,
 )
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from cachingproxy.entry import StoredResponse
+from cachingproxy.entry import StoredResponse, Usage
 from cachingproxy.errors import BodyMissing, StoreFull
 from cachingproxy.interfaces import IBodyWriter, ICacheStore, IPartialReader
 from cachingproxy.store import CacheDirError, DiskStore, MemoryStore, disk
+from cachingproxy.store.disk import FLUSH_INTERVAL
+from cachingproxy.store.index import prefix_successor
 
 REACTOR = IReactorThreads(reactor)
+OLD_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('format', '1');
+CREATE TABLE entries (
+    url TEXT NOT NULL, variant TEXT NOT NULL, vary TEXT NOT NULL,
+    status INTEGER NOT NULL, headers TEXT NOT NULL, stored_at REAL NOT NULL,
+    initial_age REAL NOT NULL, size INTEGER NOT NULL, digest TEXT NOT NULL,
+    body_ref TEXT NOT NULL, last_used REAL NOT NULL
+);
+CREATE UNIQUE INDEX entries_key ON entries (url, variant);
+"""
+"""An index as the first release made it: no entries_last_used."""
 URL = "https://files.example/packages/demo-1.0.tar.gz"
 CHUNK = 256 * 1024
 BODY = bytes(range(256)) * 2400  # 600 KiB: three chunks of the producer
@@ -80,11 +99,74 @@ class RecordingConsumer:
         return b"".join(self.chunks)
 
 
+@implementer(IReactorThreads, IReactorTime)
+class ClockReactor:
+    """Threads from the real reactor, time from a ``task.Clock``.
+
+    A DiskStore needs a thread pool for fsync; with this its periodic index
+    flush runs only when a test advances the clock.
+    """
+
+    def __init__(self, clock: task.Clock) -> None:
+        self.clock = clock
+
+    def getThreadPool(self) -> ThreadPool:
+        return REACTOR.getThreadPool()
+
+    def callInThread(
+        self, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> None:
+        REACTOR.callInThread(callable, *args, **kwargs)
+
+    def callFromThread(
+        self, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> None:
+        REACTOR.callFromThread(callable, *args, **kwargs)
+
+    def suggestThreadPoolSize(self, size: int) -> None:
+        REACTOR.suggestThreadPoolSize(size)
+
+    def seconds(self) -> float:
+        return self.clock.seconds()
+
+    def callLater(
+        self,
+        delay: float,
+        callable: Callable[..., Any],
+        *args: object,
+        **kwargs: object,
+    ) -> IDelayedCall:
+        return self.clock.callLater(delay, callable, *args, **kwargs)
+
+    def getDelayedCalls(self) -> Sequence[IDelayedCall]:
+        return self.clock.getDelayedCalls()
+
+
+def capture_log(case: unittest.TestCase) -> list[LogEvent]:
+    """Log events emitted until the end of the test."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    case.addCleanup(globalLogPublisher.removeObserver, observer)
+    return events
+
+
 class StoreBehaviourMixin:
     """The ICacheStore contract, run against each implementation."""
 
     def make_store(self) -> ICacheStore:
         raise NotImplementedError
+
+    def make_budget_store(self, max_size: int | None) -> ICacheStore:
+        """A new store (also ``self.store``) bounded by ``max_size``, whose time
+        moves only by :meth:`advance`."""
+        raise NotImplementedError
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass for the store made by make_budget_store."""
+
+    def check_at_rest(self) -> None:
+        """Assert what the store holds agrees with its usage figures."""
 
     # mixed into unittest.TestCase
     successResultOf: Any
@@ -95,6 +177,10 @@ class StoreBehaviourMixin:
     assertFalse: Any
     assertIsNone: Any
     assertRaises: Any
+    assertLessEqual: Any
+    assertLess: Any
+    assertIn: Any
+    addCleanup: Any
     store: ICacheStore
 
     async def store_body(
@@ -364,6 +450,182 @@ class StoreBehaviourMixin:
         self.assertRaises(StoreFull, writer.write, b"more")
         self.failureResultOf(self.store.open_writer(URL), StoreFull)
 
+    # -- usage, touch, eviction, remove_prefix ------------------------------------
+
+    async def store_at(
+        self, url: str, body: bytes, variant: str = ""
+    ) -> StoredResponse:
+        """Commit ``body`` as the entry for ``url`` (and ``variant``)."""
+        return await self.store_body(body, make_entry(url=url, variant=variant))
+
+    def present(self, *entries: StoredResponse) -> list[bool]:
+        """Whether each entry is still stored (same body)."""
+        return [
+            any(e.body_ref == entry.body_ref for e in self.lookup(entry.url))
+            for entry in entries
+        ]
+
+    async def test_usage_counts(self) -> None:
+        """usage() counts committed bodies and entries through every change."""
+        self.assertEqual(self.store.usage(), Usage(bytes=0, entries=0, max_size=None))
+        writer = self.successResultOf(self.store.open_writer(URL))
+        writer.write(b"not yet committed")
+        self.assertEqual(self.store.usage().bytes, 0)
+        self.successResultOf(writer.abort())
+        await self.store_body(b"12345", make_entry(variant="a"))
+        await self.store_body(b"123", make_entry(variant="b"))
+        await self.store_at(URL + "2", b"1234567")
+        self.assertEqual(self.store.usage(), Usage(bytes=15, entries=3, max_size=None))
+        await self.store_body(b"1", make_entry(variant="a"))
+        self.assertEqual(self.store.usage(), Usage(bytes=11, entries=3, max_size=None))
+        self.successResultOf(self.store.remove(URL, "b"))
+        self.assertEqual(self.store.usage(), Usage(bytes=8, entries=2, max_size=None))
+        self.successResultOf(self.store.remove_prefix(URL))
+        self.assertEqual(self.store.usage(), Usage(bytes=0, entries=0, max_size=None))
+
+    async def test_remove_prefix(self) -> None:
+        """remove_prefix drops every variant of the URLs starting with the prefix,
+        counts them, and keeps URLs just outside the prefix's range."""
+        base = "https://files.example/pkg/"
+        inside = [
+            await self.store_at(base, b"1"),
+            await self.store_at(base + "a", b"2"),
+            await self.store_at(base + "a/b", b"3", "x"),
+            await self.store_at(base + "a/b", b"4", "y"),
+            await self.store_at(base + "ab~\U0010ffff", b"5"),
+        ]
+        outside = [
+            await self.store_at("https://files.example/pkg", b"6"),
+            await self.store_at("https://files.example/pkg0", b"7"),  # "/" + 1
+            await self.store_at("https://files.example/pkf/z", b"8"),
+            await self.store_at("https://other.example/pkg/a", b"9"),
+        ]
+        self.assertEqual(self.successResultOf(self.store.remove_prefix(base)), 5)
+        self.assertEqual(self.present(*inside), [False] * 5)
+        self.assertEqual(self.present(*outside), [True] * 4)
+        self.assertEqual(self.store.usage().entries, 4)
+        self.failureResultOf(
+            self.store.read(inside[1], RecordingConsumer()), BodyMissing
+        )
+        self.assertEqual(self.successResultOf(self.store.remove_prefix(base)), 0)
+        self.assertEqual(self.successResultOf(self.store.remove_prefix("")), 4)
+        self.assertEqual(self.store.usage(), Usage(bytes=0, entries=0, max_size=None))
+
+    async def test_remove_prefix_last_character(self) -> None:
+        """A prefix ending in the highest code point still matches (no successor
+        of that character exists)."""
+        top = "https://x.example/\U0010ffff"
+        doomed = [await self.store_at(top, b"a"), await self.store_at(top + "z", b"b")]
+        kept = await self.store_at("https://x.example/\U0010fffe", b"c")
+        self.assertEqual(self.successResultOf(self.store.remove_prefix(top)), 2)
+        self.assertEqual(self.present(*doomed, kept), [False, False, True])
+
+    async def test_lru_eviction_honours_touches(self) -> None:
+        """Over the budget, the least recently used entries go first, touched
+        entries count as used, and eviction stops at 90 % of the budget."""
+        self.make_budget_store(1000)
+        events = capture_log(cast(unittest.TestCase, self))
+        a = await self.store_at(URL + "a", b"a" * 300)
+        self.advance(1)
+        b = await self.store_at(URL + "b", b"b" * 300)
+        self.advance(1)
+        c = await self.store_at(URL + "c", b"c" * 300)
+        self.advance(1)
+        self.store.touch(a)
+        self.advance(1)
+        d = await self.store_at(URL + "d", b"d" * 300)
+        self.assertEqual(self.present(a, b, c, d), [True, False, True, True])
+        self.assertEqual(self.store.usage(), Usage(bytes=900, entries=3, max_size=1000))
+        [evicted] = [e for e in events if "Evicted" in e.get("log_format", "")]
+        self.assertEqual((evicted["count"], evicted["bytes"]), (1, 300))
+        self.advance(1)
+        e = await self.store_at(URL + "e", b"e" * 400)
+        self.assertEqual(self.present(a, c, d, e), [False, False, True, True])
+        self.check_at_rest()
+
+    async def test_budget_holds_at_rest(self) -> None:
+        """After each of many commits of random sizes, some concurrent, with
+        touches in between, the stored bytes never exceed max_size and the
+        entry just committed is kept."""
+        rng = random.Random(3)
+        max_size = 4000
+        self.make_budget_store(max_size)
+        stored: list[StoredResponse] = []
+        for i in range(50):
+            self.advance(1)
+            entry = await self.store_at(
+                f"{URL}/{i}", rng.randbytes(rng.randrange(1, 900))
+            )
+            stored.append(entry)
+            self.assertTrue(self.present(entry)[0])
+            self.assertLessEqual(self.store.usage().bytes, max_size)
+            if i % 3 == 0:
+                self.store.touch(rng.choice(stored))
+            self.check_at_rest()
+        writers = []
+        for i in range(8):
+            writer = self.successResultOf(self.store.open_writer(URL))
+            writer.write(rng.randbytes(rng.randrange(1, 900)))
+            writers.append((writer, make_entry(url=f"{URL}/c{i}")))
+        await defer.gatherResults([w.commit(e) for w, e in writers])
+        self.assertLessEqual(self.store.usage().bytes, max_size)
+        self.check_at_rest()
+        self.assertLess(self.store.usage().entries, 58)
+
+    async def test_reader_is_not_evicted(self) -> None:
+        """An entry whose body is being read survives an eviction that would
+        otherwise take it; its reader gets every byte; it is evicted later."""
+        size = len(BODY)
+        self.make_budget_store(size * 5 // 2)
+        body_a = os.urandom(size)
+        a = await self.store_at(URL + "a", body_a)
+        self.advance(1)
+        b = await self.store_at(URL + "b", os.urandom(size))
+        self.advance(1)
+        consumer = RecordingConsumer(pause=True)
+        reading = self.store.read(a, consumer)
+        self.assertEqual(len(consumer.chunks), 1)
+        c = await self.store_at(URL + "c", os.urandom(size))
+        self.assertEqual(self.present(a, b, c), [True, False, True])
+        producer = consumer.producer
+        assert producer is not None
+        while consumer.producer is not None:
+            producer.resumeProducing()
+        self.successResultOf(reading)
+        self.assertEqual(consumer.data, body_a)
+        self.advance(1)
+        d = await self.store_at(URL + "d", os.urandom(size))
+        self.assertEqual(self.present(a, c, d), [False, True, True])
+        self.check_at_rest()
+
+    async def test_body_larger_than_budget(self) -> None:
+        """A body larger than max_size fails its commit with StoreFull, is not
+        stored, and evicts nothing."""
+        self.make_budget_store(1000)
+        kept = await self.store_at(URL + "kept", b"k" * 600)
+        writer = self.successResultOf(self.store.open_writer(URL))
+        writer.write(b"x" * 600)
+        writer.write(b"x" * 401)
+        self.failureResultOf(writer.commit(make_entry()), StoreFull)
+        self.assertEqual(self.lookup(), [])
+        self.assertEqual(self.present(kept), [True])
+        self.assertEqual(self.store.usage(), Usage(bytes=600, entries=1, max_size=1000))
+        self.successResultOf(writer.abort())
+        self.check_at_rest()
+        exact = await self.store_at(URL, b"y" * 1000)
+        self.assertEqual(self.present(kept, exact), [False, True])
+
+    async def test_touch_unknown(self) -> None:
+        """Touching an entry that is gone does nothing (and does not bring it
+        back)."""
+        self.make_budget_store(None)
+        gone = await self.store_body(b"gone")
+        self.successResultOf(self.store.remove(URL))
+        self.store.touch(gone)
+        self.advance(FLUSH_INTERVAL)
+        self.assertEqual(self.lookup(), [])
+        self.assertEqual(self.store.usage().entries, 0)
+
 
 class MemoryStoreTests(StoreBehaviourMixin, unittest.TestCase):
     """MemoryStore keeps the ICacheStore contract."""
@@ -373,6 +635,10 @@ class MemoryStoreTests(StoreBehaviourMixin, unittest.TestCase):
 
     def make_store(self) -> ICacheStore:
         return MemoryStore()
+
+    def make_budget_store(self, max_size: int | None) -> ICacheStore:
+        self.store = MemoryStore(max_size=max_size)
+        return self.store
 
     def test_capacity(self) -> None:
         """Writes past the capacity raise StoreFull; only abort is valid then."""
@@ -400,6 +666,48 @@ class DiskStoreTests(StoreBehaviourMixin, unittest.TestCase):
         self.addCleanup(store.close)
         return store
 
+    def make_budget_store(self, max_size: int | None) -> DiskStore:
+        """A store in a new directory on a ClockReactor at 1000 s."""
+        self.path = self.mktemp()
+        self.clock = task.Clock()
+        self.clock.advance(1000)
+        store = DiskStore.open(self.path, ClockReactor(self.clock), max_size=max_size)
+        self.addCleanup(store.close)
+        self.store = store
+        return store
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    def check_at_rest(self) -> None:
+        """Usage, rows and body files agree; nothing is left in tmp/."""
+        usage = self.store.usage()
+        db = self.index()
+        rows = db.execute("SELECT body_ref, size FROM entries").fetchall()
+        self.assertEqual(
+            (usage.entries, usage.bytes), (len(rows), sum(s for _, s in rows))
+        )
+        self.assertEqual(self.files("bodies"), sorted(ref for ref, _ in rows))
+        on_disk = sum(
+            os.path.getsize(os.path.join(self.path, "bodies", ref)) for ref, _ in rows
+        )
+        self.assertEqual(on_disk, usage.bytes)
+        if usage.max_size is not None:
+            self.assertLessEqual(on_disk, usage.max_size)
+
+    def index(self) -> sqlite3.Connection:
+        """A second connection to the store's index, as another process has."""
+        db = sqlite3.connect(os.path.join(self.path, "index.sqlite"))
+        self.addCleanup(db.close)
+        return db
+
+    def last_used(self, entry: StoredResponse) -> float:
+        [(value,)] = self.index().execute(
+            "SELECT last_used FROM entries WHERE url = ? AND variant = ?",
+            (entry.url, entry.variant),
+        )
+        return cast(float, value)
+
     def files(self, sub: str) -> list[str]:
         """Files under ``sub`` of the cache dir, relative to it, sorted."""
         top = os.path.join(self.path, sub)
@@ -408,6 +716,147 @@ class DiskStoreTests(StoreBehaviourMixin, unittest.TestCase):
             for d, _, names in os.walk(top)
             for f in names
         )
+
+    async def test_touch_is_batched(self) -> None:
+        """touch writes nothing at once; the latest use of each entry is written
+        in one batch when the flush interval has passed."""
+        store = self.make_budget_store(None)
+        a = await self.store_at(URL + "a", b"a")
+        b = await self.store_at(URL + "b", b"b")
+        statements: list[str] = []
+        store._index.db.set_trace_callback(statements.append)
+        self.advance(1)
+        store.touch(a)
+        self.advance(2)
+        store.touch(a)
+        store.touch(b)
+        self.assertEqual((self.last_used(a), self.last_used(b)), (1000, 1000))
+        self.assertEqual([s for s in statements if "UPDATE" in s], [])
+        self.advance(FLUSH_INTERVAL - 3)
+        self.assertEqual((self.last_used(a), self.last_used(b)), (1003, 1003))
+        self.assertTrue(any("UPDATE" in s for s in statements))
+        statements.clear()
+        self.advance(FLUSH_INTERVAL)
+        self.assertEqual(statements, ["PRAGMA data_version"])
+
+    async def test_touch_written_on_close(self) -> None:
+        """Uses not yet written are written when the store closes."""
+        store = self.make_budget_store(None)
+        a = await self.store_at(URL, b"a")
+        self.advance(2)
+        store.touch(a)
+        await store.close()
+        self.assertEqual(self.last_used(a), 1002)
+
+    async def test_usage_rereads_index(self) -> None:
+        """Entries deleted by another process (the cache tool) leave the usage
+        figures at the next flush."""
+        store = self.make_budget_store(None)
+        await self.store_at(URL + "a", b"12345")
+        await self.store_at(URL + "b", b"123")
+        db = self.index()
+        db.execute("DELETE FROM entries WHERE url = ?", (URL + "a",))
+        db.commit()
+        self.assertEqual(store.usage(), Usage(bytes=8, entries=2, max_size=None))
+        self.advance(FLUSH_INTERVAL)
+        self.assertEqual(store.usage(), Usage(bytes=3, entries=1, max_size=None))
+
+    async def test_usage_loaded_at_open(self) -> None:
+        """A reopened store starts from the index's figures."""
+        await self.store_at(URL + "a", b"12345")
+        await self.store_at(URL + "b", b"123")
+        await self.store.close()
+        store = DiskStore.open(self.path, REACTOR, max_size=10)
+        self.addCleanup(store.close)
+        self.assertEqual(store.usage(), Usage(bytes=8, entries=2, max_size=10))
+
+    async def test_over_budget_evicted_when_readers_finish(self) -> None:
+        """When every older entry is being read, a commit may leave the store
+        over budget; the next flush after the reads end evicts the excess."""
+        size = len(BODY)
+        store = self.make_budget_store(size * 5 // 2)
+        a = await self.store_at(URL + "a", BODY)
+        self.advance(1)
+        b = await self.store_at(URL + "b", BODY)
+        self.advance(1)
+        readers = [RecordingConsumer(pause=True) for _ in range(2)]
+        reads = [store.read(e, r) for e, r in zip([a, b], readers, strict=True)]
+        c = await self.store_at(URL + "c", BODY)
+        self.assertEqual(self.present(a, b, c), [True, True, True])
+        self.assertEqual(store.usage().bytes, 3 * size)
+        for reader, d in zip(readers, reads, strict=True):
+            while reader.producer is not None:
+                reader.producer.resumeProducing()
+            self.successResultOf(d)
+            self.assertEqual(reader.data, BODY)
+        self.advance(FLUSH_INTERVAL)
+        self.assertEqual(self.present(a, b, c), [False, True, True])
+        self.check_at_rest()
+
+    async def test_smaller_budget_applies_at_first_flush(self) -> None:
+        """Reopening a cache with a max_size below what it holds evicts the
+        least recently used entries down to 90 % at the first flush."""
+        store = self.make_budget_store(None)
+        entries = []
+        for i in range(5):
+            entries.append(await self.store_at(f"{URL}/{i}", b"x" * 100))
+            self.advance(1)
+        await store.close()
+        store = DiskStore.open(self.path, ClockReactor(self.clock), max_size=350)
+        self.addCleanup(store.close)
+        self.store = store
+        self.assertEqual(store.usage().bytes, 500)
+        self.advance(FLUSH_INTERVAL)
+        self.assertEqual(self.present(*entries), [False, False, True, True, True])
+        self.assertEqual(store.usage(), Usage(bytes=300, entries=3, max_size=350))
+        self.check_at_rest()
+
+    def test_last_used_index_added(self) -> None:
+        """Opening an index made before the last_used index existed adds it,
+        and eviction's ORDER BY last_used then uses it."""
+        self.successResultOf(self.store.close())
+        path = self.path = self.mktemp()
+        os.makedirs(os.path.join(path, "bodies", "ab"))
+        with open(os.path.join(path, "bodies", "ab", "ab" + "0" * 30), "wb") as f:
+            f.write(b"old body")
+        db = sqlite3.connect(os.path.join(path, "index.sqlite"))
+        db.executescript(OLD_SCHEMA)
+        db.execute(
+            "INSERT INTO entries VALUES (?, '', '[]', 200, '[]', 1, 0, 8, '', ?, 1)",
+            (URL, "ab/ab" + "0" * 30),
+        )
+        db.commit()
+        db.close()
+        store = DiskStore.open(path, REACTOR)
+        self.addCleanup(store.close)
+        db = self.index()
+        names = [row[1] for row in db.execute("PRAGMA index_list(entries)")]
+        self.assertIn("entries_last_used", names)
+        plan = db.execute(
+            "EXPLAIN QUERY PLAN SELECT rowid, url FROM entries ORDER BY last_used"
+        ).fetchall()
+        self.assertIn("USING INDEX entries_last_used", str(plan))
+        self.assertEqual(store.usage(), Usage(bytes=8, entries=1, max_size=None))
+
+    def test_prefix_successor(self) -> None:
+        """The upper bound of a prefix range skips the surrogates and carries
+        past the highest code point."""
+        self.assertEqual(prefix_successor("https://a/"), "https://a0")
+        self.assertEqual(prefix_successor("a\U0010ffff"), "b")
+        self.assertEqual(prefix_successor("a\ud7ff"), "a\ue000")
+        self.assertIsNone(prefix_successor("\U0010ffff\U0010ffff"))
+        self.assertIsNone(prefix_successor(""))
+
+    def test_prefix_is_indexed(self) -> None:
+        """remove_prefix searches the url index, not the whole table."""
+        statements: list[str] = []
+        store = cast(DiskStore, self.store)
+        store._index.db.set_trace_callback(statements.append)
+        self.successResultOf(store.remove_prefix("https://a/"))
+        [sql] = [s for s in statements if s.startswith("DELETE")]
+        [plan] = self.index().execute("EXPLAIN QUERY PLAN " + sql).fetchall()
+        self.assertIn("SEARCH entries USING", plan[3])
+        self.assertIn("INDEX entries_key (url>? AND url<?)", plan[3])
 
     def test_layout(self) -> None:
         """open creates the index (WAL, format marker), bodies/ and tmp/."""
