@@ -1,0 +1,400 @@
+"""Process-level tests: a real ``twistd -n cachingproxy`` and real ``curl``.
+
+The origin runs in the test's reactor; twistd and curl are child processes
+spawned without blocking it.  Every child is killed and reaped in a cleanup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import sqlite3
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ProcessProtocol, Protocol, ServerFactory
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from .support import (
+    NOT_DONE_YET,
+    TWISTD,
+    ProcessResult,
+    checkout_env,
+    free_port,
+    pause,
+    run_process,
+    start_origin,
+)
+
+MiB = 1024 * 1024
+
+SPEC_OPTIONS = (
+    "--listen",
+    "--cache-dir",
+    "--index-ttl",
+    "--negative-ttl",
+    "--max-stale",
+    "--offline",
+    "--connect-timeout",
+    "--read-timeout",
+    "--allow-client",
+    "--allow-upstream",
+    "--name",
+    "--access-log",
+    "--config",
+)
+"""Options SPEC section 1 names that ``--help`` must list."""
+
+
+def _as_deferred(coroutine: Any) -> defer.Deferred[None]:
+    return defer.Deferred.fromCoroutine(coroutine)
+
+
+class Twistd(ProcessProtocol):
+    """A ``twistd -n cachingproxy`` child on 127.0.0.1:``port``."""
+
+    def __init__(self, test: TestCase, cache_dir: str, *options: str) -> None:
+        self.port = free_port()
+        self.cache_dir = cache_dir = os.path.abspath(cache_dir)
+        self.output = bytearray()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self.reason: Failure | None = None
+        cwd = test.mktemp()
+        os.makedirs(cwd)
+        argv = [
+            *TWISTD,
+            "-n",
+            "--pidfile=",
+            "cachingproxy",
+            "--listen",
+            f"tcp:{self.port}:interface=127.0.0.1",
+            "--cache-dir",
+            cache_dir,
+            "--allow-upstream",
+            "127.0.0.1",
+            "--allow-client",
+            "127.0.0.1",
+            *options,
+        ]
+        self.process = reactor.spawnProcess(
+            self, argv[0], argv, env=checkout_env(), path=cwd
+        )
+        test.addCleanup(lambda: _as_deferred(self.stop()))
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:  # noqa: N802
+        self.output += data
+
+    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+        self.reason = reason
+        self.ended.callback(None)
+
+    @property
+    def running(self) -> bool:
+        return self.reason is None
+
+    def log(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    async def wait_listening(self, timeout: float = 20.0) -> None:
+        """Poll until the proxy's port accepts connections (bounded)."""
+        waited = 0.0
+        while True:
+            if not self.running:
+                raise AssertionError(f"twistd exited during start-up:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                pass
+            if waited > timeout:
+                raise AssertionError(
+                    f"twistd not listening after {timeout}s:\n{self.log()}"
+                )
+            await pause(0.05)
+            waited += 0.05
+
+    async def kill(self, signal: str = "KILL") -> None:
+        """Send ``signal`` and wait until the process is reaped."""
+        if self.running:
+            self.process.signalProcess(signal)
+        await self.ended
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s; always reaps the child."""
+        if not self.running:
+            return
+        self.process.signalProcess("TERM")
+        for _ in range(200):
+            if not self.running:
+                return
+            await pause(0.05)
+        await self.kill()
+
+
+async def curl(
+    proxy_port: int, url: str, out: str, max_time: float = 30.0
+) -> tuple[ProcessResult, str, dict[str, str]]:
+    """``curl -x`` through the proxy, body to ``out``: result, status line, headers."""
+    result = await run_process(
+        [
+            "curl",
+            "-s",
+            "-S",
+            "--noproxy",
+            "",
+            "-x",
+            f"http://127.0.0.1:{proxy_port}",
+            "-D",
+            "-",
+            "-o",
+            out,
+            "--max-time",
+            str(max_time),
+            url,
+        ],
+        timeout=max_time + 10,
+    )
+    lines = result.out.decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return result, lines[0], headers
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _temp_files(cache_dir: str) -> dict[str, int]:
+    """Name and size of every file in the cache's ``tmp/`` directory."""
+    tmp = os.path.join(cache_dir, "tmp")
+    found = {}
+    for name in os.listdir(tmp) if os.path.isdir(tmp) else ():
+        with contextlib.suppress(FileNotFoundError):
+            found[name] = os.stat(os.path.join(tmp, name)).st_size
+    return found
+
+
+def _committed_urls(cache_dir: str) -> list[str]:
+    """URLs with a row in the disk store's index (white-box: store/disk.py schema)."""
+    index = os.path.join(cache_dir, "index.sqlite")
+    db = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+    try:
+        return [url for (url,) in db.execute("SELECT url FROM entries")]
+    finally:
+        db.close()
+
+
+def _need_curl(test: TestCase) -> None:
+    if shutil.which("curl") is None:
+        raise test.skipTest("curl is not installed (.ci/run installs it)")
+
+
+class TwistdCachingTests(TestCase):
+    """The real twistd process caches, logs and survives a crash."""
+
+    def setUp(self) -> None:
+        _need_curl(self)
+
+    def test_miss_then_hit(self) -> defer.Deferred[None]:
+        """Through ``twistd cachingproxy``, curl gets X-Cache MISS then HIT with the
+        origin's exact bytes, and the origin sees one request."""
+        return _as_deferred(self._miss_then_hit())
+
+    async def _miss_then_hit(self) -> None:
+        origin, oport = start_origin(self)
+        body = os.urandom(300_000)
+        origin.static("/pkg-1.0.tar.gz", body)
+        proxy = Twistd(self, self.mktemp())
+        await proxy.wait_listening()
+        url = f"http://127.0.0.1:{oport}/pkg-1.0.tar.gz"
+        first, second = self.mktemp(), self.mktemp()
+        r1, status1, h1 = await curl(proxy.port, url, first)
+        r2, status2, h2 = await curl(proxy.port, url, second)
+        self.assertEqual(r1.code, 0, r1.output)
+        self.assertEqual(r2.code, 0, r2.output)
+        self.assertIn(" 200", status1)
+        self.assertIn(" 200", status2)
+        self.assertEqual((h1.get("x-cache"), h2.get("x-cache")), ("MISS", "HIT"))
+        self.assertEqual(_read(first), body)
+        self.assertEqual(_read(second), body)
+        self.assertEqual(origin.count("/pkg-1.0.tar.gz"), 1)
+
+    def test_kill_9_mid_download_leaves_nothing(self) -> defer.Deferred[None]:
+        """SIGKILL during a download commits no entry; a restart on the same cache
+        dir sweeps the temp file, and the URL is then a MISS fetched again whole."""
+        return _as_deferred(self._kill_9())
+
+    async def _kill_9(self) -> None:
+        origin, oport = start_origin(self)
+        body = os.urandom(8 * MiB)
+        sent = 1 * MiB
+        stalled: list[Any] = []
+
+        def handler(request: Any) -> Any:
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            if stalled:
+                return body
+            # First request: 1 MiB of the declared 8 MiB, then silence.
+            request.write(body[:sent])
+            stalled.append(request)
+            return NOT_DONE_YET
+
+        def release_stalled() -> None:
+            for request in stalled:
+                if not request.finished and not request._disconnected:
+                    request.channel.transport.abortConnection()
+
+        self.addCleanup(release_stalled)
+        path = "/big-1.0.tar.gz"
+        url = f"http://127.0.0.1:{oport}{path}"
+        origin.route(path, handler)
+        cache_dir = os.path.abspath(self.mktemp())
+        proxy = Twistd(self, cache_dir, "--read-timeout", "60")
+        await proxy.wait_listening()
+
+        partial = self.mktemp()
+        client = defer.ensureDeferred(curl(proxy.port, url, partial))
+        waited = 0.0
+        while not any(size >= sent for size in _temp_files(cache_dir).values()):
+            if waited > 15:
+                raise AssertionError(
+                    f"no {sent}-byte temp file in {cache_dir}/tmp: "
+                    f"{_temp_files(cache_dir)}\n{proxy.log()}"
+                )
+            await pause(0.02)
+            waited += 0.02
+        await proxy.kill("KILL")
+        ended = proxy.reason.value if proxy.reason is not None else None
+        self.assertEqual(getattr(ended, "signal", None), 9)
+
+        self.assertEqual(_committed_urls(cache_dir), [])
+        self.assertTrue(_temp_files(cache_dir), "the crash left its temp file")
+        result, _, headers = await client
+        self.assertNotEqual(result.code, 0, "curl saw a complete body")
+        self.assertEqual(headers.get("x-cache"), "MISS")
+        self.assertLess(os.path.getsize(partial), len(body))
+
+        restarted = Twistd(self, cache_dir)
+        await restarted.wait_listening()
+        self.assertEqual(_temp_files(cache_dir), {}, restarted.log())
+        again = self.mktemp()
+        r, status, headers = await curl(restarted.port, url, again)
+        self.assertEqual(r.code, 0, r.output)
+        self.assertIn(" 200", status)
+        self.assertEqual(headers.get("x-cache"), "MISS")
+        self.assertEqual(_read(again), body)
+        self.assertEqual(origin.count(path), 2)
+        # The commit (fsync, rename, index row) may land just after the response.
+        for _ in range(500):
+            if _committed_urls(cache_dir):
+                break
+            await pause(0.02)
+        self.assertEqual(_committed_urls(cache_dir), [url])
+
+    def test_access_log(self) -> defer.Deferred[None]:
+        """--access-log FILE gets one line per request with, in SPEC 9 order,
+        method, URL, status, bytes and the cache status (MISS, then HIT)."""
+        return _as_deferred(self._access_log())
+
+    async def _access_log(self) -> None:
+        origin, oport = start_origin(self)
+        body = os.urandom(12_345)
+        origin.static("/log-1.0.whl", body)
+        log = os.path.abspath(self.mktemp())
+        proxy = Twistd(self, self.mktemp(), "--access-log", log)
+        await proxy.wait_listening()
+        url = f"http://127.0.0.1:{oport}/log-1.0.whl"
+        for _ in range(2):
+            result, _, _ = await curl(proxy.port, url, self.mktemp())
+            self.assertEqual(result.code, 0, result.output)
+
+        def lines() -> list[str]:
+            return _read(log).decode().splitlines() if os.path.exists(log) else []
+
+        for _ in range(200):
+            if len(lines()) >= 2:
+                break
+            await pause(0.02)
+        logged = lines()
+        self.assertEqual(len(logged), 2, logged)
+        # time, client, method, URL, status, bytes, duration ms, cache, upstream
+        fields = [line.split() for line in logged]
+        for row in fields:
+            self.assertEqual(row[1:6], ["127.0.0.1", "GET", url, "200", str(len(body))])
+            self.assertTrue(row[6].isdigit(), row)
+        self.assertEqual([row[7] for row in fields], ["MISS", "HIT"])
+
+
+class TwistdCommandLineTests(TestCase):
+    """What ``twistd cachingproxy`` prints and how it exits on bad start-up."""
+
+    async def _twistd(self, *args: str, timeout: float = 20.0) -> ProcessResult:
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        argv = [*TWISTD, "-n", "--pidfile=", "cachingproxy", *args]
+        return await run_process(argv, env=checkout_env(), timeout=timeout, path=cwd)
+
+    def test_help_lists_spec_options(self) -> defer.Deferred[None]:
+        """``twistd cachingproxy --help`` exits 0 and lists every option SPEC 1 names."""
+        return _as_deferred(self._help())
+
+    async def _help(self) -> None:
+        result = await self._twistd("--help")
+        self.assertEqual(result.code, 0, result.output)
+        for option in SPEC_OPTIONS:
+            self.assertIn(f"{option}", result.output)
+            self.assertRegex(result.output, rf"(?m)^\s+{option}[= ]")
+
+    def test_bad_values(self) -> defer.Deferred[None]:
+        """A bad option value stops start-up: non-zero exit, an error line naming
+        the option, no traceback, and nothing listening."""
+        return _as_deferred(self._bad_values())
+
+    async def _bad_values(self) -> None:
+        port = free_port()
+        cache_dir = os.path.abspath(self.mktemp())
+        for option, value in [
+            ("--max-size", "12X"),
+            ("--allow-upstream", "not-a-network"),
+            ("--read-timeout", "-1"),
+        ]:
+            result = await self._twistd(
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+                "--cache-dir",
+                cache_dir,
+                option,
+                value,
+            )
+            self.assertNotEqual(result.code, 0, result.output)
+            self.assertRegex(result.output, rf"(?m)^.*{option}\b.*{value}")
+            self.assertNotIn("Traceback", result.output)
+
+    def test_port_in_use(self) -> defer.Deferred[None]:
+        """``--listen`` on a port already in use exits non-zero (in bounded time)
+        with an error naming --listen and no traceback."""
+        return _as_deferred(self._port_in_use())
+
+    async def _port_in_use(self) -> None:
+        factory: Any = ServerFactory.forProtocol(Protocol)
+        taken = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        port = taken.getHost().port  # type: ignore[attr-defined]
+        result = await self._twistd(
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--cache-dir",
+            os.path.abspath(self.mktemp()),
+            timeout=10,
+        )
+        self.assertNotEqual(result.code, 0, result.output)
+        self.assertRegex(result.output, rf"--listen tcp:{port}\b.*in use")
+        self.assertNotIn("Traceback", result.output)
+
