@@ -55,7 +55,11 @@ async def purge(request: Request, query: str, proxy: Proxy) -> None:
     urls, prefixes = args.get("url", []), args.get("prefix", [])
     if len(urls) + len(prefixes) != 1:
         send_error(
-            request, 400, "give exactly one of url= or prefix=", cache="-", via=proxy.via
+            request,
+            400,
+            "give exactly one of url= or prefix=",
+            cache="-",
+            via=proxy.via,
         )
         return
     if urls:

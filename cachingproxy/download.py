@@ -163,7 +163,9 @@ class Download:
     ) -> Follower:
         """Attach a client that reads the body ``[start, end)`` as it arrives."""
         assert self._writer is not None
-        follower = Follower(self, self._writer.open_reader(), consumer, on_finish, start, end)
+        follower = Follower(
+            self, self._writer.open_reader(), consumer, on_finish, start, end
+        )
         self._followers.add(follower)
         follower.begin()
         return follower
@@ -235,7 +237,9 @@ class Download:
             or (length is not None and length > self._settings.max_object_size)
         ):
             self._decide(
-                Outcome(Kind.PASSTHROUGH, status, phrase, tuple(headers), response=response)
+                Outcome(
+                    Kind.PASSTHROUGH, status, phrase, tuple(headers), response=response
+                )
             )
             return None
         return defer.Deferred.fromCoroutine(
@@ -267,7 +271,9 @@ class Download:
         except Exception:
             _log.failure("cannot store {url}; passing it through", url=self.url)
             self._decide(
-                Outcome(Kind.PASSTHROUGH, status, phrase, tuple(headers), response=response)
+                Outcome(
+                    Kind.PASSTHROUGH, status, phrase, tuple(headers), response=response
+                )
             )
             return
         self.vary = vary
@@ -275,7 +281,9 @@ class Download:
         self.total = length
         self._status, self._headers = status, headers
         self._decide(Outcome(Kind.STREAM, status, phrase, tuple(headers)))
-        response.deliverBody(_BodyReceiver(self, self._clock, self._settings.read_timeout))
+        response.deliverBody(
+            _BodyReceiver(self, self._clock, self._settings.read_timeout)
+        )
 
     def _data(self, data: bytes) -> None:
         assert self._writer is not None
@@ -363,7 +371,9 @@ class _BodyReceiver(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self._abort(Failure(UpstreamTimeout(f"upstream silent for {self._read_timeout:g}s")))
+        self._abort(
+            Failure(UpstreamTimeout(f"upstream silent for {self._read_timeout:g}s"))
+        )
 
     def _abort(self, failure: Failure) -> None:
         self._error = failure
@@ -456,9 +466,7 @@ class Follower:
                 continue
             if download.failure is not None:
                 self._finish(download.failure)
-            elif download.body_complete:
-                self._finish(None)
-            elif self._end is not None and self.offset >= self._end:
+            elif download.body_complete or (self._end is not None and self.offset >= self._end):
                 self._finish(None)
             return
 
@@ -478,6 +486,9 @@ class Downloads:
 
     def __init__(self) -> None:
         self.in_flight: dict[str, Download] = {}
+        self._variants: dict[tuple[str, str], Download] = {}
+        """Downloads of other variants of a URL, by (url, variant under the
+        Vary of the URL's first download), so their clients share them too."""
 
     def get(self, url: str) -> Download | None:
         return self.in_flight.get(url)
@@ -485,9 +496,25 @@ class Downloads:
     def add(self, download: Download) -> None:
         self.in_flight[download.url] = download
 
+    def get_variant(self, url: str, variant: str) -> Download | None:
+        return self._variants.get((url, variant))
+
+    def add_variant(self, download: Download, variant: str) -> None:
+        self._variants[(download.url, variant)] = download
+
     def remove(self, download: Download) -> None:
         if self.in_flight.get(download.url) is download:
             del self.in_flight[download.url]
+        for key in [k for k, d in self._variants.items() if d is download]:
+            del self._variants[key]
 
 
-__all__ = ["CHUNK", "Download", "Downloads", "FetchSettings", "Follower", "Kind", "Outcome"]
+__all__ = [
+    "CHUNK",
+    "Download",
+    "Downloads",
+    "FetchSettings",
+    "Follower",
+    "Kind",
+    "Outcome",
+]

@@ -19,7 +19,10 @@ from .config import FOREVER, Rule
 from .entry import Header, StoredResponse
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_HOST_RE = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?\.?)+$|^\[[0-9a-f:.]+\]$")
+# Labels are separated by exactly one dot: a pattern where the dot is optional
+# between repetitions backtracks exponentially on a long invalid host.
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
+_HOST_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*\.?$|^\[[0-9a-f:.]+\]$")
 
 _IMMUTABLE = (
     r"(?:\.whl|\.whl\.metadata|\.tar\.gz|\.tgz|\.zip|\.egg|\.gem|\.jar|\.pom"
@@ -51,6 +54,10 @@ def normalize_url(url: str) -> str:
     @raise BadURL: not an absolute http(s) URL with a valid host and port, or
         carrying user info.
     """
+    # urlsplit silently drops tabs and newlines and strips leading spaces, so
+    # check the raw text: such a URL must be refused, not quietly rewritten.
+    if not url.isascii() or any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise BadURL("control characters, spaces or non-ASCII in URL")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -70,8 +77,6 @@ def normalize_url(url: str) -> str:
         raise BadURL(f"bad port in {url!r}")
     netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
     path = parts.path or "/"
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in path + parts.query):
-        raise BadURL("control characters or spaces in URL")
     return urlunsplit((scheme, netloc, path, parts.query, ""))
 
 
@@ -365,6 +370,9 @@ def not_modified(entry: StoredResponse, request_headers: Iterable[Header]) -> bo
     return ims is not None and last_modified is not None and last_modified <= ims
 
 
+_DIGITS_RE = re.compile(r"^[0-9]*\Z")
+
+
 @frozen
 class ByteRange:
     """A satisfiable single byte range, half-open: ``[start, end)``."""
@@ -379,9 +387,7 @@ class Unsatisfiable(Enum):
     RANGE = "unsatisfiable"
 
 
-def parse_range(
-    value: str | None, size: int
-) -> ByteRange | Unsatisfiable | None:
+def parse_range(value: str | None, size: int) -> ByteRange | Unsatisfiable | None:
     """A single ``bytes=`` range against a body of ``size`` bytes.
 
     None means "serve the whole body" (no header, several ranges, or a syntax
@@ -396,7 +402,8 @@ def parse_range(
     if not dash:
         return None
     first, last = first.strip(), last.strip()
-    if not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    # str.isdigit() accepts "²" and other non-ASCII digits that int() refuses.
+    if not _DIGITS_RE.match(first) or not _DIGITS_RE.match(last):
         return None
     if first == "":
         if last == "":

@@ -184,23 +184,45 @@ class Proxy:
             fresh = policy.is_fresh(
                 rule, entry, now, self.config.index_ttl, self.config.negative_ttl
             )
-            if fresh and not policy.request_wants_revalidation(rule, client_headers, age):
-                return await self._serve_entry(request, entry, "HIT", client_headers, info)
+            if fresh and not policy.request_wants_revalidation(
+                rule, client_headers, age
+            ):
+                return await self._serve_entry(
+                    request, entry, "HIT", client_headers, info
+                )
             if self.config.offline:
                 return await self._serve_entry(
                     request, entry, "OFFLINE", client_headers, info
                 )
         elif self.config.offline:
-            return self._error(request, 504, "not cached and --offline", info, "OFFLINE")
+            return self._error(
+                request, 504, "not cached and --offline", info, "OFFLINE"
+            )
         if head_only and entry is None:
-            return await self._bypass(request, url, "HEAD", client_headers, info, "MISS")
+            return await self._bypass(
+                request, url, "HEAD", client_headers, info, "MISS"
+            )
         download = self.downloads.get(url)
         if download is None:
             download = self._new_download(url, rule, client_headers, entry, shared=True)
         outcome = await download.wait(client_headers)
         if outcome.kind is Kind.RETRY:
-            download = self._new_download(url, rule, client_headers, entry, shared=False)
-            outcome = await download.wait(client_headers)
+            # Another variant (or a passthrough another client took): the
+            # clients of one variant share one download of it.
+            variant = policy.variant_of(download.vary, client_headers)
+            sibling = (
+                self.downloads.get_variant(url, variant) if download.vary else None
+            )
+            if sibling is not None:
+                outcome = await sibling.wait(client_headers)
+            if sibling is None or outcome.kind is Kind.RETRY:
+                sibling = self._new_download(
+                    url, rule, client_headers, entry, shared=False
+                )
+                if download.vary:
+                    self.downloads.add_variant(sibling, variant)
+                outcome = await sibling.wait(client_headers)
+            download = sibling
         await self._serve_outcome(
             request, download, outcome, rule, entry, client_headers, info
         )
@@ -215,7 +237,8 @@ class Proxy:
         shared: bool,
     ) -> Download:
         upstream_headers = [
-            (k, v) for k, v in H.end_to_end(client_headers)
+            (k, v)
+            for k, v in H.end_to_end(client_headers)
             if k.lower() not in _CACHED_PATH_DROP
         ]
         upstream_headers.append(("Via", self._upstream_via(client_headers)))
@@ -272,7 +295,9 @@ class Proxy:
                 url=download.url,
                 why=_describe(outcome),
             )
-            return await self._serve_entry(request, stale, "STALE", client_headers, info)
+            return await self._serve_entry(
+                request, stale, "STALE", client_headers, info
+            )
         status, message = _error_status(outcome)
         return self._error(request, status, message, info, "MISS")
 
@@ -294,7 +319,11 @@ class Proxy:
         start, end, status = 0, entry.size, entry.status
         extra: list[Header] = []
         range_value = H.get(client_headers, "range")
-        if status == 200 and range_value and policy.if_range_matches(entry, client_headers):
+        if (
+            status == 200
+            and range_value
+            and policy.if_range_matches(entry, client_headers)
+        ):
             byte_range = policy.parse_range(range_value, entry.size)
             if byte_range is policy.Unsatisfiable.RANGE:
                 set_head(
@@ -352,9 +381,7 @@ class Proxy:
             byte_range = policy.parse_range(range_value, download.total)
             if isinstance(byte_range, policy.ByteRange):
                 start, end, status = byte_range.start, byte_range.end, 206
-                extra = [
-                    ("Content-Range", f"bytes {start}-{end - 1}/{download.total}")
-                ]
+                extra = [("Content-Range", f"bytes {start}-{end - 1}/{download.total}")]
         set_head(
             request,
             status,
@@ -365,10 +392,11 @@ class Proxy:
             length=None if end is None else end - start,
             phrase=outcome.phrase if status == outcome.status else None,
         )
-        done: defer.Deferred[Failure | None] = defer.Deferred()
-        follower = download.follow(request, done.callback, start, end)
+        # Boxed: a Failure given to callback() would errback the Deferred.
+        done: defer.Deferred[list[Failure | None]] = defer.Deferred()
+        follower = download.follow(request, lambda f: done.callback([f]), start, end)
         request.notifyFinish().addErrback(lambda _: follower.stopProducing())
-        failure = await done
+        (failure,) = await done
         if request._disconnected or request.finished:
             return
         if failure is None:
@@ -390,8 +418,9 @@ class Proxy:
         if self.config.offline:
             return self._error(request, 504, "--offline", info, "OFFLINE")
         headers = [
-            (k, v) for k, v in H.end_to_end(client_headers)
-            if k.lower() not in ("host", "via")
+            (k, v)
+            for k, v in H.end_to_end(client_headers)
+            if k.lower() not in ("host", "via", "content-length")
         ]
         headers.append(("Via", self._upstream_via(client_headers)))
         body = None
@@ -404,7 +433,10 @@ class Proxy:
             body = FileBodyProducer(content)
         try:
             response = await self.upstream.request(
-                method.encode("latin-1"), url.encode("ascii"), headers_from_pairs(headers), body
+                method.encode("latin-1"),
+                url.encode("ascii"),
+                headers_from_pairs(headers),
+                body,
             )
         except Exception:
             status, message = _error_status(Outcome(Kind.ERROR, failure=Failure()))
@@ -436,8 +468,10 @@ class Proxy:
             length=length,
             phrase=outcome.phrase,
         )
-        if request.method == b"HEAD" or outcome.status in (204, 304) or (
-            request._disconnected
+        if (
+            request.method == b"HEAD"
+            or outcome.status in (204, 304)
+            or (request._disconnected)
         ):
             response.deliverBody(_drain())
             if not request._disconnected:
@@ -500,7 +534,10 @@ def _error_status(outcome: Outcome) -> tuple[int, str]:
     """The status and message for a client when upstream failed."""
     if outcome.failure is None:
         if outcome.status:
-            return outcome.status, f"upstream answered {outcome.status} {outcome.phrase}"
+            return (
+                outcome.status,
+                f"upstream answered {outcome.status} {outcome.phrase}",
+            )
         return 502, "upstream response unusable"
     failure = outcome.failure
     if failure.check(ResponseNeverReceived):

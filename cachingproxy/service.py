@@ -13,14 +13,14 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from .accesslog import AccessLog
 from .config import ProxyConfig
 from .interfaces import ICacheStore
 from .proxy import Proxy, ProxyResource
 from .store import DiskStore
-from .upstream import DestinationPolicy, Upstream
+from .upstream import DestinationPolicy, Resolver, Upstream
 
 _log = Logger()
 
@@ -38,12 +38,30 @@ class _Channel(HTTPChannel):
         self.lost: defer.Deferred[None] = defer.Deferred()
         self.site.channels.add(self)
 
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+        # LineReceiver's default drops the connection without a word; a request
+        # line or header over 16 KiB gets a clear 400 instead (SPEC 8).
+        self._respondToBadRequestAndDisconnect()
+
     def connectionLost(self, reason: Failure = _DONE) -> None:  # noqa: N802
         self.site.channels.discard(self)
         try:
             super().connectionLost(reason)
         finally:
             self.lost.callback(None)
+
+
+class _Request(Request):
+    """A Request whose ``*`` target goes to the proxy like any other.
+
+    twisted.web answers ``OPTIONS *`` itself with 200 before any resource
+    runs, which would bypass --allow-client; the proxy refuses or 400s it.
+    """
+
+    def _handleStar(self) -> None:  # noqa: N802
+        site = self.site
+        assert site is not None
+        self.render(site.getResourceFor(self))
 
 
 class _QuietSite(Site):
@@ -53,6 +71,7 @@ class _QuietSite(Site):
     displayTracebacks = False
     noisy = False
     protocol = _Channel  # type: ignore[assignment]
+    requestFactory = _Request
 
     def __init__(self, resource: Any) -> None:
         super().__init__(resource)
@@ -79,7 +98,10 @@ class ProxyService(Service):
         config: ProxyConfig,
         reactor: Any = None,
         store: ICacheStore | None = None,
+        resolve: Resolver | None = None,
     ) -> None:
+        """``resolve`` replaces the getaddrinfo resolver of the upstream (tests
+        use it to make names resolve to chosen addresses)."""
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -87,6 +109,7 @@ class ProxyService(Service):
         self.config = config
         self.reactor = reactor
         self.store = store
+        self.resolve = resolve
         self.proxy: Proxy | None = None
         self.upstream: Upstream | None = None
         self.ports: list[IListeningPort] = []
@@ -111,6 +134,7 @@ class ProxyService(Service):
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             upstream_ca=config.upstream_ca,
+            resolve=self.resolve,
         )
         if config.access_log is not None:
             self.access_log = AccessLog(config.access_log)
@@ -119,22 +143,31 @@ class ProxyService(Service):
             config, self.store, self.upstream, self.reactor, access_log=self.access_log
         )
         site = self.site = _QuietSite(ProxyResource(self.proxy))
+        failures: list[str] = []
         for description in config.listen:
             d = serverFromString(self.reactor, description).listen(site)
             d.addCallback(self._listening, description)
-            d.addErrback(self._listen_failed, description)
+            d.addErrback(self._listen_failed, description, failures)
+        if failures:
+            # TCP and UNIX endpoints fail synchronously; stop start-up here,
+            # outside the Deferred, so twistd exits with the message.
+            for port in self.ports:
+                port.stopListening()
+            _fatal("; ".join(failures))
 
     def _listening(self, port: IListeningPort, description: str) -> None:
         self.ports.append(port)
         _log.info("cachingproxy listening on {where}", where=description)
 
-    def _listen_failed(self, failure: Failure, description: str) -> None:
+    def _listen_failed(
+        self, failure: Failure, description: str, failures: list[str]
+    ) -> None:
         message = f"--listen {description}: {failure.getErrorMessage()}"
-        if self.reactor.running:
-            _log.critical("{message}", message=message)
-            self.reactor.stop()
-        else:
-            _fatal(message)
+        if not self.reactor.running:
+            failures.append(message)
+            return
+        _log.critical("{message}", message=message)
+        self.reactor.stop()
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802
         super().stopService()

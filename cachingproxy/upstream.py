@@ -21,6 +21,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
+from twisted.internet.error import ConnectError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import (
     IProtocol,
@@ -147,14 +148,36 @@ class _CheckedEndpoint:
                 raise
             except Exception as e:
                 raise DNSLookupFailed(f"cannot resolve {host}: {e}") from e
-        refusals = []
-        for address in addresses:
+        allowed: list[str] = []
+        refusals: list[str] = []
+        for address in dict.fromkeys(addresses):
             reason = f.policy.refusal(address, self._port, f.mirrored)
             if reason is None:
-                break
-            refusals.append(reason)
-        else:
+                allowed.append(address)
+            else:
+                refusals.append(reason)
+        if not allowed:
             raise DestinationRefused(f"{host}:{self._port}: {'; '.join(refusals)}")
+        # A name often has an IPv6 and an IPv4 address and only one of them
+        # may work here: on a connect error try the next allowed address.
+        for address in allowed[:-1]:
+            try:
+                return await self._connect_to(address, protocol_factory)
+            except (ConnectError, UpstreamTimeout) as e:
+                _log.debug(
+                    "{host}: {address} failed ({e}); trying the next address",
+                    host=host,
+                    address=address,
+                    e=e,
+                )
+        return await self._connect_to(allowed[-1], protocol_factory)
+
+    async def _connect_to(
+        self, address: str, protocol_factory: IProtocolFactory
+    ) -> IProtocol:
+        """Connect (and start TLS) to one checked ``address``."""
+        f = self._factory
+        host = self._host.strip("[]")
         cls = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
         endpoint: IStreamClientEndpoint = cls(
             f.reactor, address, self._port, timeout=f.connect_timeout
@@ -305,6 +328,7 @@ def pairs_from_headers(headers: Headers) -> list[tuple[str, str]]:
 __all__ = [
     "DNSLookupFailed",
     "DestinationPolicy",
+    "Resolver",
     "Upstream",
     "getaddrinfo_resolver",
     "headers_from_pairs",

@@ -397,4 +397,3 @@ class TwistdCommandLineTests(TestCase):
         self.assertNotEqual(result.code, 0, result.output)
         self.assertRegex(result.output, rf"--listen tcp:{port}\b.*in use")
         self.assertNotIn("Traceback", result.output)
-
