@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -72,11 +73,9 @@ async def purge(request: Request, query: str, proxy: Proxy) -> None:
         what = url
     else:
         prefix = prefixes[0]
-        try:
+        with contextlib.suppress(BadURL):
             # Normalise the scheme and host part the same way keys are.
             prefix = normalize_url(prefix) if prefix.count("/") >= 3 else prefix
-        except BadURL:
-            pass
         removed = await proxy.purge_prefix(prefix)
         what = f"prefix {prefix}"
     _log.info("purged {what}: {n} entries", what=what, n=removed)

@@ -31,6 +31,8 @@ from .config import Rule
 from .entry import Header, StoredResponse
 from .errors import BodyMissing, StoreFull, UpstreamTimeout
 from .interfaces import IBodyWriter, ICacheStore, IPartialReader, IUpstream
+from .spill import Spill
+from .stats import upstream_error_kind
 from .upstream import headers_from_pairs, pairs_from_headers
 
 _log = Logger()
@@ -90,6 +92,8 @@ class Download:
         settings: FetchSettings,
         mirrored: bool = False,
         on_done: Callable[[Download], None] = lambda d: None,
+        on_upstream_bytes: Callable[[int], None] = lambda n: None,
+        on_upstream_error: Callable[[str], None] = lambda kind: None,
     ) -> None:
         self.url = url
         self._upstream_url = upstream_url
@@ -103,6 +107,11 @@ class Download:
         self._settings = settings
         self._mirrored = mirrored
         self._on_done = on_done
+        self._on_upstream_bytes = on_upstream_bytes
+        self._on_upstream_error = on_upstream_error
+        self._spill: Spill | None = None
+        self._receiver: _BodyReceiver | None = None
+        self.purged = False
         self._waiters: list[defer.Deferred[Outcome]] = []
         self._outcome: Outcome | None = None
         self._passthrough_taken = False
@@ -144,7 +153,34 @@ class Download:
 
     @property
     def bytes_written(self) -> int:
+        """Body bytes received so far that followers can read."""
+        if self._spill is not None:
+            return self._spill.end
         return 0 if self._writer is None else int(self._writer.bytes_written)
+
+    def purge(self) -> None:
+        """Make sure this download leaves no entry behind (admin purge)."""
+        self.purged = True
+        if self.entry is not None:
+            self._store.remove(self.entry.url, self.entry.variant)
+
+    def read(self, reader: IPartialReader, offset: int, length: int) -> bytes:
+        """Body bytes at ``offset`` for a follower, from the store or the spill."""
+        spill = self._spill
+        if spill is None:
+            return reader.read(offset, length)
+        if offset >= spill.base:
+            return spill.read(offset, length)
+        return reader.read(offset, min(length, spill.base - offset))
+
+    def _consumed(self) -> None:
+        """A follower moved on: release spilled bytes nobody needs any more."""
+        spill = self._spill
+        if spill is None:
+            return
+        spill.trim(min((f.offset for f in self._followers), default=spill.end))
+        if self._receiver is not None and spill.buffered <= spill.limit // 2:
+            self._receiver.resume()
 
     @property
     def done(self) -> bool:
@@ -178,8 +214,10 @@ class Download:
         outcome = outcome or self._outcome
         assert outcome is not None
         if outcome.kind is Kind.STREAM:
-            if self.failure is not None or (
-                policy.variant_of(self.vary, client_headers) != self.variant
+            if (
+                self.failure is not None
+                or self._spill is not None
+                or (policy.variant_of(self.vary, client_headers) != self.variant)
             ):
                 return Outcome(Kind.RETRY)
         elif outcome.kind is Kind.NOT_MODIFIED:
@@ -209,6 +247,7 @@ class Download:
 
     def _got_error(self, failure: Failure) -> None:
         self.failure = failure
+        self._on_upstream_error(upstream_error_kind(failure))
         self._decide(Outcome(Kind.ERROR, failure=failure))
 
     def _internal_error(self, failure: Failure) -> None:
@@ -224,6 +263,7 @@ class Download:
             response.deliverBody(_Discard())
             return defer.Deferred.fromCoroutine(self._refresh(headers))
         if status >= 500:
+            self._on_upstream_error("http_5xx")
             response.deliverBody(_Discard())
             self._decide(Outcome(Kind.ERROR, status=status, phrase=phrase))
             return None
@@ -281,19 +321,29 @@ class Download:
         self.total = length
         self._status, self._headers = status, headers
         self._decide(Outcome(Kind.STREAM, status, phrase, tuple(headers)))
-        response.deliverBody(
-            _BodyReceiver(self, self._clock, self._settings.read_timeout)
-        )
+        self._receiver = _BodyReceiver(self, self._clock, self._settings.read_timeout)
+        response.deliverBody(self._receiver)
 
     def _data(self, data: bytes) -> None:
         assert self._writer is not None
-        try:
-            self._writer.write(data)
-        except StoreFull as e:
-            _log.error("store full while downloading {url}: {e}", url=self.url, e=e)
-            raise
+        self._on_upstream_bytes(len(data))
+        if self._spill is None:
+            try:
+                self._writer.write(data)
+            except StoreFull as e:
+                _log.error(
+                    "cannot store {url} ({e}); its clients still get it",
+                    url=self.url,
+                    e=e,
+                )
+                self._spill = Spill(int(self._writer.bytes_written))
+        if self._spill is not None:
+            self._spill.append(data)
+            if self._spill.full and self._receiver is not None:
+                self._receiver.pause()
         for follower in list(self._followers):
             follower.wake()
+        self._consumed()
 
     def _body_end(self, reason: Failure) -> None:
         assert self._writer is not None
@@ -304,6 +354,7 @@ class Download:
         if ok and self.total is not None and written != self.total:
             ok = False
         if not ok:
+            self._on_upstream_error(upstream_error_kind(reason))
             _log.warn(
                 "download of {url} broke off after {n} bytes: {why}",
                 url=self.url,
@@ -317,7 +368,11 @@ class Download:
             return
         self.body_complete = True
         self._wake_all()
-        if written > self._settings.max_object_size:
+        if (
+            written > self._settings.max_object_size
+            or self._spill is not None
+            or self.purged
+        ):
             self._writer.abort()
             self._on_done(self)
             return
@@ -334,6 +389,8 @@ class Download:
 
         def committed(stored: StoredResponse) -> None:
             self.entry = stored
+            if self.purged:
+                self._store.remove(stored.url, stored.variant)
 
         def not_committed(failure: Failure) -> None:
             _log.failure("could not store {url}", failure, url=self.url)
@@ -365,6 +422,7 @@ class _BodyReceiver(Protocol):
         self._read_timeout = read_timeout
         self._timer: IDelayedCall | None = None
         self._error: Failure | None = None
+        self._paused = False
 
     def connectionMade(self) -> None:  # noqa: N802
         self._timer = self._clock.callLater(self._read_timeout, self._timed_out)
@@ -379,15 +437,27 @@ class _BodyReceiver(Protocol):
         self._error = failure
         self.transport.stopProducing()  # type: ignore[union-attr]
 
+    def pause(self) -> None:
+        """Stop reading upstream (the spill is full); the idle timer waits too."""
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self._timer = self._clock.callLater(self._read_timeout, self._timed_out)
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self._error is not None:
             return
         if self._timer is not None:
             self._timer.reset(self._read_timeout)
-        try:
-            self._download._data(data)
-        except StoreFull as e:
-            self._abort(Failure(e))
+        self._download._data(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802,B008
         if self._timer is not None and self._timer.active():
@@ -457,16 +527,24 @@ class Follower:
             available = download.bytes_written
             limit = available if self._end is None else min(self._end, available)
             if self.offset < limit:
-                data = self._reader.read(self.offset, min(CHUNK, limit - self.offset))
+                try:
+                    data = download.read(
+                        self._reader, self.offset, min(CHUNK, limit - self.offset)
+                    )
+                except BodyMissing:
+                    data = b""
                 if not data:
                     self._finish(Failure(BodyMissing(download.url)))
                     return
                 self.offset += len(data)
                 self._consumer.write(data)
+                download._consumed()
                 continue
             if download.failure is not None:
                 self._finish(download.failure)
-            elif download.body_complete or (self._end is not None and self.offset >= self._end):
+            elif download.body_complete or (
+                self._end is not None and self.offset >= self._end
+            ):
                 self._finish(None)
             return
 
@@ -492,6 +570,18 @@ class Downloads:
 
     def get(self, url: str) -> Download | None:
         return self.in_flight.get(url)
+
+    def all(self) -> list[Download]:
+        """Every download in flight, shared by URL or by variant."""
+        return list(
+            {
+                id(d): d for d in [*self.in_flight.values(), *self._variants.values()]
+            }.values()
+        )
+
+    def matching(self, predicate: Callable[[str], bool]) -> list[Download]:
+        """The downloads in flight whose URL satisfies ``predicate``."""
+        return [d for d in self.all() if predicate(d.url)]
 
     def add(self, download: Download) -> None:
         self.in_flight[download.url] = download

@@ -1,48 +1,25 @@
-"""The proxy's own pages (SPEC 9); for now a small page naming the version."""
+"""The proxy's own surface (SPEC 9): status page, JSON, metrics, purge."""
 
 from __future__ import annotations
 
-import html
 from typing import TYPE_CHECKING
 
 from twisted.web.server import Request
 
-from . import __version__
+from . import admin, metrics, statuspage
 from .responses import send_error, set_head
 
 if TYPE_CHECKING:
     from .proxy import Proxy
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>cachingproxy {version}</title>
-<style>body{{font-family:sans-serif;max-width:40em;margin:2em auto}}</style></head>
-<body><h1>cachingproxy {version}</h1>
-<p>A caching HTTP proxy for package downloads. Use it as
-<code>http_proxy=http://{host}/</code>.</p>
-<p>Downloads in flight: {in_flight}</p>
-</body></html>
-"""
+_NO_STORE = ("Cache-Control", "no-store")
 
 
-def render(request: Request, path: str, proxy: Proxy) -> None:
-    """Serve ``path`` of the proxy's own pages."""
-    bare = path.split("?", 1)[0]
-    if request.method not in (b"GET", b"HEAD"):
-        send_error(request, 405, "method not allowed", cache="-", via=proxy.via)
-        return
-    if bare != "/":
-        send_error(request, 404, "no such page", cache="-", via=proxy.via)
-        return
-    host = (request.getHeader(b"host") or b"").decode("latin-1")
-    body = _PAGE.format(
-        version=__version__,
-        host=html.escape(host or "HOST:3128"),
-        in_flight=len(proxy.downloads.in_flight),
-    ).encode("utf-8")
+def _send(request: Request, proxy: Proxy, body: bytes, content_type: str) -> None:
     set_head(
         request,
         200,
-        [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")],
+        [("Content-Type", content_type), _NO_STORE],
         cache="-",
         via=proxy.via,
         length=len(body),
@@ -50,3 +27,29 @@ def render(request: Request, path: str, proxy: Proxy) -> None:
     if request.method != b"HEAD":
         request.write(body)
     request.finish()
+
+
+async def render(request: Request, path: str, proxy: Proxy) -> None:
+    """Serve ``path`` (with its query) of the proxy's own pages."""
+    bare, _, query = path.partition("?")
+    method = request.method
+    if bare == "/cache":
+        if method != b"DELETE":
+            send_error(request, 405, "use DELETE", cache="-", via=proxy.via)
+            return
+        await admin.purge(request, query, proxy)
+        return
+    if method not in (b"GET", b"HEAD"):
+        send_error(request, 405, "method not allowed", cache="-", via=proxy.via)
+        return
+    if bare == "/":
+        host = (request.getHeader(b"host") or b"").decode("latin-1") or None
+        page = statuspage.render_html(proxy.stats.snapshot(), host=host)
+        _send(request, proxy, page.encode("utf-8"), statuspage.HTML_CONTENT_TYPE)
+    elif bare == "/status.json":
+        body = statuspage.render_json(proxy.stats.snapshot())
+        _send(request, proxy, body, statuspage.JSON_CONTENT_TYPE)
+    elif bare == "/metrics":
+        _send(request, proxy, metrics.metrics_text(proxy.stats), metrics.CONTENT_TYPE)
+    else:
+        send_error(request, 404, "no such page", cache="-", via=proxy.via)

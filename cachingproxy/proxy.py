@@ -29,6 +29,7 @@ from .interfaces import ICacheStore, IUpstream
 from .responses import PassThrough, abort, send_error, set_head
 from .routing import BadRequest, Listener, classify
 from .routing import Kind as RouteKind
+from .stats import Stats, upstream_error_kind
 from .upstream import DNSLookupFailed, headers_from_pairs, pairs_from_headers
 
 _log = Logger()
@@ -75,12 +76,18 @@ class Proxy:
         clock: Any,
         *,
         access_log: Callable[[dict[str, Any]], None] | None = None,
+        stats: Stats | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.upstream = upstream
         self.clock = clock
         self.downloads = Downloads()
+        self.stats = stats or Stats(
+            clock,
+            usage=store.usage,
+            in_flight=self.downloads.all,
+        )
         self.rules: tuple[Rule, ...] = config.rules + policy.default_rules(
             config.index_ttl
         )
@@ -89,7 +96,8 @@ class Proxy:
         self._names = frozenset(n.lower() for n in config.names)
         self._settings = FetchSettings(
             negative_ttl=config.negative_ttl,
-            max_object_size=config.max_object_size,
+            # A body bigger than the whole budget streams through unstored.
+            max_object_size=min(config.max_object_size, config.max_size),
             read_timeout=config.read_timeout,
         )
         self._access_log = access_log
@@ -129,7 +137,8 @@ class Proxy:
         if route.kind is RouteKind.CONNECT:
             return self._error(request, 501, "CONNECT is not supported yet", info)
         if route.kind is RouteKind.SELF:
-            return pages.render(request, route.path, self)
+            info["own_page"] = True
+            return await pages.render(request, route.path, self)
         info["url"] = route.url
         info["upstream"] = route.url.split("/", 3)[2]
         client_headers = pairs_from_headers(request.requestHeaders)
@@ -254,6 +263,8 @@ class Proxy:
             clock=self.clock,
             settings=self._settings,
             on_done=self.downloads.remove,
+            on_upstream_bytes=self.stats.record_upstream_bytes,
+            on_upstream_error=self.stats.record_upstream_error,
         )
         if shared:
             self.downloads.add(download)
@@ -310,6 +321,7 @@ class Proxy:
         info: dict[str, Any],
     ) -> None:
         info["cache"] = cache
+        self.store.touch(entry)
         age = policy.current_age(entry, self.clock.seconds())
         if policy.not_modified(entry, client_headers):
             set_head(request, 304, entry.headers, cache=cache, via=self.via, age=age)
@@ -439,8 +451,12 @@ class Proxy:
                 body,
             )
         except Exception:
-            status, message = _error_status(Outcome(Kind.ERROR, failure=Failure()))
+            failure = Failure()
+            self.stats.record_upstream_error(upstream_error_kind(failure))
+            status, message = _error_status(Outcome(Kind.ERROR, failure=failure))
             return self._error(request, status, message, info, cache)
+        if response.code >= 500:
+            self.stats.record_upstream_error("http_5xx")
         outcome = Outcome(
             Kind.PASSTHROUGH,
             response.code,
@@ -477,7 +493,28 @@ class Proxy:
             if not request._disconnected:
                 request.finish()
             return
-        response.deliverBody(PassThrough(request, response))
+        response.deliverBody(
+            PassThrough(
+                request,
+                response,
+                on_data=self.stats.record_upstream_bytes,
+                on_error=self.stats.record_upstream_error,
+            )
+        )
+
+    # -- admin ------------------------------------------------------------------
+
+    async def purge_url(self, url: str) -> int:
+        """Drop every variant of ``url``, including one being downloaded."""
+        for download in self.downloads.matching(lambda u: u == url):
+            download.purge()
+        return await self.store.remove(url)
+
+    async def purge_prefix(self, prefix: str) -> int:
+        """Drop every entry whose URL starts with ``prefix``."""
+        for download in self.downloads.matching(lambda u: u.startswith(prefix)):
+            download.purge()
+        return await self.store.remove_prefix(prefix)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -500,6 +537,15 @@ class Proxy:
     def _log_request(
         self, _: object, request: Request, started: float, info: dict[str, Any]
     ) -> None:
+        if not info.get("own_page"):
+            self.stats.record_request(
+                cache=info["cache"],
+                status=request.code,
+                bytes_sent=request.sentLength,
+                duration=self.clock.seconds() - started,
+                host=info["upstream"],
+                url=info.get("url") or "",
+            )
         if self._access_log is None:
             return
         client = request.getClientAddress()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
@@ -15,6 +15,7 @@ from twisted.web.server import Request
 
 from . import headers as H
 from .entry import Header
+from .stats import upstream_error_kind
 
 _OWN = frozenset({"content-length", "age", "x-cache", "x-cache-upstream", "via"})
 
@@ -93,7 +94,16 @@ def abort(request: Request) -> None:
 class PassThrough(Protocol):
     """Streams an unstored upstream body to one client, with backpressure."""
 
-    def __init__(self, request: Request, response: IResponse) -> None:
+    def __init__(
+        self,
+        request: Request,
+        response: IResponse,
+        *,
+        on_data: Callable[[int], None] = lambda n: None,
+        on_error: Callable[[str], None] = lambda kind: None,
+    ) -> None:
+        self._on_data = on_data
+        self._on_error = on_error
         self._request = request
         self._length = response.length if isinstance(response.length, int) else None
         self.received = 0
@@ -114,6 +124,7 @@ class PassThrough(Protocol):
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.received += len(data)
+        self._on_data(len(data))
         if not self._client_gone:
             self._request.write(data)
 
@@ -128,6 +139,7 @@ class PassThrough(Protocol):
         if complete:
             self._request.finish()
         else:
+            self._on_error(upstream_error_kind(reason))
             abort(self._request)
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import sys
+import threading
 from typing import Any
 
 from twisted.application.service import IService, Service
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort
@@ -115,18 +119,23 @@ class ProxyService(Service):
         self.ports: list[IListeningPort] = []
         self.access_log: AccessLog | None = None
         self.site: _QuietSite | None = None
+        self.policy = DestinationPolicy()
+        self._previous_sighup: Any = None
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
         config = self.config
         if self.store is None:
             try:
-                self.store = DiskStore.open(config.cache_dir, reactor=self.reactor)
+                self.store = DiskStore.open(
+                    config.cache_dir, reactor=self.reactor, max_size=config.max_size
+                )
             except Exception as e:
                 _fatal(f"--cache-dir {config.cache_dir}: cannot open the cache: {e}")
-        policy = DestinationPolicy(
+        policy = self.policy = DestinationPolicy(
             allow_upstream=config.allow_upstream,
             upstream_ports=config.upstream_ports,
+            own_addresses=_own_addresses(),
         )
         self.upstream = Upstream(
             self.reactor,
@@ -138,6 +147,7 @@ class ProxyService(Service):
         )
         if config.access_log is not None:
             self.access_log = AccessLog(config.access_log)
+            self._reopen_on_sighup(self.access_log)
         assert self.store is not None
         self.proxy = Proxy(
             config, self.store, self.upstream, self.reactor, access_log=self.access_log
@@ -157,6 +167,11 @@ class ProxyService(Service):
 
     def _listening(self, port: IListeningPort, description: str) -> None:
         self.ports.append(port)
+        address = port.getHost()
+        if isinstance(address, IPv4Address | IPv6Address):
+            host = address.host
+            unspecified = host in ("0.0.0.0", "::", "")
+            self.policy.own_listeners.add(("" if unspecified else host, address.port))
         _log.info("cachingproxy listening on {where}", where=description)
 
     def _listen_failed(
@@ -168,6 +183,16 @@ class ProxyService(Service):
             return
         _log.critical("{message}", message=message)
         self.reactor.stop()
+
+    def _reopen_on_sighup(self, access_log: AccessLog) -> None:
+        """logrotate: SIGHUP reopens the access log (in the reactor thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            self.reactor.callFromThread(access_log.reopen)
+
+        self._previous_sighup = signal.signal(signal.SIGHUP, handler)
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802
         super().stopService()
@@ -184,7 +209,19 @@ class ProxyService(Service):
         if self.store is not None:
             await self.store.close()
         if self.access_log is not None:
+            if self._previous_sighup is not None:
+                signal.signal(signal.SIGHUP, self._previous_sighup)
+                self._previous_sighup = None
             self.access_log.close()
+
+
+def _own_addresses() -> frozenset[str]:
+    """The addresses this host's name resolves to (best effort)."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None)
+    except OSError:
+        return frozenset()
+    return frozenset(str(info[4][0]) for info in infos)
 
 
 def _fatal(message: str) -> None:

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import attrs
 from attrs import frozen
 from OpenSSL import crypto
 from twisted.internet import defer, threads
@@ -29,6 +30,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.logger import Logger
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
     Agent,
@@ -57,12 +59,20 @@ class DestinationPolicy:
     allow_upstream: tuple[Network, ...] = ()
     upstream_ports: frozenset[int] = frozenset({80, 443})
     own_addresses: frozenset[str] = frozenset()
+    own_listeners: set[tuple[str, int]] = attrs.field(factory=set)
+    """(address, port) the proxy listens on, ``""`` for any address; filled in
+    once listening.  Never reached, whatever --allow-upstream says (a loop)."""
 
     def refusal(self, address: str, port: int, mirrored: bool = False) -> str | None:
         """Why connecting to ``address:port`` is refused, or None if allowed."""
         ip = ipaddress.ip_address(address)
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
+        if (str(ip), port) in self.own_listeners or (
+            ("", port) in self.own_listeners
+            and (ip.is_loopback or str(ip) in self.own_addresses)
+        ):
+            return f"{ip}:{port} is the proxy itself"
         if any(ip in net for net in self.allow_upstream):
             return None
         if str(ip) in self.own_addresses:
@@ -240,10 +250,36 @@ async def _with_timeout(reactor: Any, d: defer.Deferred[Any], seconds: float) ->
             call.cancel()
 
 
+class _ClientProtocol(HTTP11ClientProtocol):
+    """Also shows the response's ``Connection`` header to the proxy.
+
+    Twisted keeps it among the connection-control headers, out of
+    ``response.headers``, so the header names it lists (hop-by-hop, never to
+    be forwarded) would otherwise reach the client.
+    """
+
+    def request(self, request: Any) -> defer.Deferred[IResponse]:
+        d: defer.Deferred[IResponse] = super().request(request)
+        parser = self._parser
+        if parser is not None:
+            original = parser.headerReceived
+
+            def header_received(name: bytes, value: bytes) -> None:
+                original(name, value)
+                if name.lower() == b"connection":
+                    parser.headers.addRawHeader(b"connection", value)
+
+            parser.headerReceived = header_received  # type: ignore[method-assign]
+        return d
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
-    """Does not log every new upstream connection."""
+    """Does not log every new upstream connection; uses ``_ClientProtocol``."""
 
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:  # noqa: N802
+        return _ClientProtocol(self._quiescentCallback)
 
 
 @implementer(IUpstream)

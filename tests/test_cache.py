@@ -702,11 +702,6 @@ class HeaderTests(TestCase):
             self.assertNotIn("x-bar", headers)
             await stored(self.service, self.url)
 
-    test_connection_named_response_header_dropped.todo = (  # type: ignore[attr-defined]
-        "twisted's HTTP client keeps Connection out of IResponse.headers, so the "
-        "proxy cannot see which headers it names; needs a fix in upstream.py"
-    )
-
 
 class BypassTests(TestCase):
     def setUp(self) -> None:

@@ -383,16 +383,19 @@ class SSRFTests(TestCase):
         self.assertEqual(guard.connects, [("::1", oport), ("127.0.0.1", oport)])
 
     def test_loop_through_a_name_is_stopped(self) -> defer.Deferred[None]:
-        """A request that comes back to the proxy through a name is stopped by
-        the Via check (508) instead of looping."""
+        """A name that resolves to the proxy's own listening address is refused
+        (403) without connecting, even when --allow-upstream covers it: the
+        proxy never connects to itself."""
         return run(self._loop_through_a_name_is_stopped())
 
     async def _loop_through_a_name_is_stopped(self) -> None:
-        _, pport = self.proxy(allow_upstream=(LOOPBACK,))
-        response, _ = await fetch(
+        guard, pport = self.proxy(allow_upstream=(LOOPBACK,))
+        response, body = await fetch(
             client(self, pport), f"http://loop.example:{pport}/pkg-1.0.whl"
         )
-        self.assertEqual(response.code, 508)
+        self.assertEqual(response.code, 403)
+        self.assertIn(b"the proxy itself", body)
+        self.assertEqual(guard.connects, [])
 
 
 class ClientAccessTests(TestCase):
