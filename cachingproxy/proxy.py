@@ -26,6 +26,7 @@ from .download import Download, Downloads, FetchSettings, Kind, Outcome
 from .entry import Header, StoredResponse
 from .errors import BodyMissing, DestinationRefused, UpstreamTimeout
 from .interfaces import ICacheStore, IUpstream
+from .origdst import original_destination
 from .responses import PassThrough, abort, send_error, set_head
 from .routing import BadRequest, Listener, classify
 from .routing import Kind as RouteKind
@@ -130,6 +131,7 @@ class Proxy:
                 target,
                 host_values[0].decode("latin-1") if host_values else None,
                 listener,
+                original_destination(request.channel.transport),
             )
         except BadRequest as e:
             _log.info("bad request from {client}: {e}", client=host, e=e)

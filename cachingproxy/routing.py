@@ -110,7 +110,12 @@ def classify(
             address = f"[{address}]"
         host_header = f"{address}:{port}"
     host, port = split_host(host_header, 80)
-    if is_self(host, port, listener):
+    # A redirected connection (original destination elsewhere) is
+    # interception even when its Host happens to name the proxy.
+    redirected = original_destination is not None and not is_self(
+        original_destination[0], original_destination[1], listener
+    )
+    if not redirected and is_self(host, port, listener):
         return Route(Kind.SELF, path=target)
     netloc = host if port == 80 else f"{host}:{port}"
     try:
