@@ -29,6 +29,17 @@ class Rule:
     name: str = ""
 
 
+@frozen
+class Mirror:
+    """``prefix`` (``/pypi/``) served from ``upstreams``, tried in order."""
+
+    prefix: str
+    upstreams: tuple[str, ...]
+    merge: bool = False
+    """Union the project pages of every upstream instead of taking the first
+    that has the project."""
+
+
 DEFAULT_ALLOW_CLIENT = (
     "127.0.0.0/8",
     "::1/128",
@@ -63,5 +74,7 @@ class ProxyConfig:
     access_log: str | None = None
     admin_token: str | None = None
     """Bearer token that unlocks admin actions from non-loopback clients."""
+    mirrors: tuple[Mirror, ...] = ()
+    """Mounted upstreams (--mirror, --source, [[mirror]]), in final form."""
     rules: tuple[Rule, ...] = field(default=())
     """Operator rules from the config file; they come before the default rules."""

@@ -20,7 +20,15 @@ from ipaddress import ip_address, ip_network
 
 from attrs import frozen
 
-from .config import DEFAULT_ALLOW_CLIENT, FOREVER, Network, ProxyConfig, Rule
+from .config import (
+    DEFAULT_ALLOW_CLIENT,
+    FOREVER,
+    Mirror,
+    Network,
+    ProxyConfig,
+    Rule,
+)
+from .mirrors import combine, parse_base, parse_mirror, parse_mirror_table
 
 
 class ConfigError(ValueError):
@@ -201,6 +209,13 @@ def _parse_token(value: object) -> str:
     raise ValueError("must be at least 16 printable characters without spaces")
 
 
+def _parse_mirror(value: object) -> tuple[Mirror, ...]:
+    """``PREFIX=URL[,URL...]``, a preset name, or a ``[[mirror]]`` table."""
+    if isinstance(value, dict):
+        return (parse_mirror_table(value),)
+    return parse_mirror(value)
+
+
 def _parse_bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -234,11 +249,13 @@ SETTINGS: Mapping[str, _Setting] = {
     "name": _Setting("names", parse_name, repeatable=True),
     "access-log": _Setting("access_log", _parse_access_log),
     "admin-token": _Setting("admin_token", _parse_token),
+    "mirror": _Setting("mirrors", _parse_mirror, repeatable=True),
+    "source": _Setting("sources", parse_base, repeatable=True),
 }
 """Every option that can come from the command line or the config file,
 by its long name (which is also its config-file key)."""
 
-_LATER_KEYS = frozenset({"mirror"})
+_LATER_KEYS: frozenset[str] = frozenset()
 """Config-file keys accepted and ignored for now: ``mirror`` (``[[mirror]]``
 tables, SPEC 6) is implemented by a later issue, and files written for it
 should not stop this release from starting."""
@@ -258,6 +275,8 @@ def _convert(name: str, value: object) -> tuple[str, object]:
         raise ValueError("at least one endpoint is needed")
     if setting.field == "names":
         items = list(dict.fromkeys(items))
+    if setting.field == "mirrors":
+        items = [m for group in items for m in group]  # type: ignore[attr-defined]
     return setting.field, tuple(items)
 
 
@@ -391,6 +410,10 @@ def make_config(
             field_name, values[field_name] = _convert(name, value)
         except ValueError as e:
             raise ConfigError(f"--{name}: {e}") from None
+    values["mirrors"] = combine(
+        values.pop("mirrors", ()),  # type: ignore[arg-type]
+        values.pop("sources", ()),  # type: ignore[arg-type]
+    )
     config = ProxyConfig(**values, rules=rules)  # type: ignore[arg-type]
     if create_cache_dir:
         try:

@@ -147,6 +147,15 @@ class Options(usage.Options):
         """Private upstream address or CIDR that may be reached, on any port."""
         self["allow-upstream"].append(cidr)
 
+    def opt_mirror(self, mirror: str) -> None:
+        """Mount upstreams under a local path: PREFIX=URL[,URL...], or a preset
+        (pypi, npm); tried in order on error, timeout, 5xx or 404."""
+        self["mirror"].append(mirror)
+
+    def opt_source(self, url: str) -> None:
+        """Upstream for the whole proxy, package-cache style (= --mirror /=URL)."""
+        self["source"].append(url)
+
     def opt_name(self, name: str) -> None:
         """Name clients use for the proxy. [default: the host name, localhost]"""
         self["name"].append(name)

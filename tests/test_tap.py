@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 
 import cachingproxy
 from cachingproxy import tap
-from cachingproxy.config import DEFAULT_ALLOW_CLIENT, FOREVER, ProxyConfig, Rule
+from cachingproxy.config import DEFAULT_ALLOW_CLIENT, FOREVER, Mirror, ProxyConfig, Rule
 from cachingproxy.options import (
     parse_name,
     parse_network,
@@ -415,11 +415,54 @@ store = false
             ),
         )
 
-    def test_mirror_tables_accepted(self) -> None:
-        """``mirror`` keys and [[mirror]] tables (a later issue) do not stop start-up."""
-        for text in ['mirror = ["pypi"]', '[[mirror]]\nprefix = "/pypi/"']:
-            path = self.write("m.toml", text)
-            self.assertEqual(self.parse("--config", path), self.defaults())
+    def test_mirrors_from_file_and_command_line(self) -> None:
+        """``mirror`` strings, presets and [[mirror]] tables in the file become
+        Mirrors; --mirror replaces the file's list; --source mounts ``/``; a
+        later prefix overrides a preset's."""
+        text = 'mirror = ["pypi", "/pypi/=http://10.0.0.5:8080/root/pypi,https://pypi.org/"]\n'
+        config = self.parse("--config", self.write("m.toml", text))
+        self.assertEqual(
+            config.mirrors,
+            (
+                Mirror("/pypi-files/", ("https://files.pythonhosted.org/",)),
+                Mirror(
+                    "/pypi/",
+                    ("http://10.0.0.5:8080/root/pypi/", "https://pypi.org/"),
+                ),
+            ),
+        )
+        tables = '[[mirror]]\nprefix = "/py"\nupstreams = ["https://a.example/"]\nmerge = true\n'
+        config = self.parse("--config", self.write("t.toml", tables))
+        self.assertEqual(
+            config.mirrors, (Mirror("/py/", ("https://a.example/",), merge=True),)
+        )
+        config = self.parse(
+            "--config",
+            self.write("t2.toml", tables),
+            "--mirror",
+            "npm",
+            "--source",
+            "http://deb.example/debian",
+        )
+        self.assertEqual(
+            config.mirrors,
+            (
+                Mirror("/npm/", ("https://registry.npmjs.org/",)),
+                Mirror("/", ("http://deb.example/debian/",)),
+            ),
+        )
+
+    def test_bad_mirrors(self) -> None:
+        """Bad --mirror values name the option and the problem."""
+        for value, problem in [
+            ("pypy", "is not PREFIX=URL"),
+            ("/x/=ftp://a/", "is not an http(s) URL"),
+            ("x=https://a/", "is not a path prefix"),
+            ("/x/=", "names no upstream URL"),
+        ]:
+            message = self.parse_error(f"--mirror={value}")
+            self.assertTrue(message.startswith("--mirror: "), message)
+            self.assertIn(problem, message)
 
     def test_example_config_as_is(self) -> None:
         """etc/cachingproxy.toml as shipped (all commented) gives the defaults."""
