@@ -10,7 +10,8 @@ is buffered per client.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -29,8 +30,15 @@ from . import headers as H
 from . import policy
 from .config import Rule
 from .entry import Header, StoredResponse
-from .errors import BodyMissing, StoreFull, UpstreamTimeout
+from .errors import (
+    BodyMissing,
+    DestinationRefused,
+    DigestMismatch,
+    StoreFull,
+    UpstreamTimeout,
+)
 from .interfaces import IBodyWriter, ICacheStore, IPartialReader, IUpstream
+from .rewrite import Digest
 from .spill import Spill
 from .stats import upstream_error_kind
 from .upstream import headers_from_pairs, pairs_from_headers
@@ -91,12 +99,21 @@ class Download:
         clock: Any,
         settings: FetchSettings,
         mirrored: bool = False,
+        fallbacks: Sequence[tuple[str, str]] = (),
+        label: str = "",
+        expected: Digest | None = None,
         on_done: Callable[[Download], None] = lambda d: None,
         on_upstream_bytes: Callable[[int], None] = lambda n: None,
         on_upstream_error: Callable[[str], None] = lambda kind: None,
     ) -> None:
         self.url = url
-        self._upstream_url = upstream_url
+        self._candidates = [(upstream_url, label), *fallbacks]
+        """(URL, label for X-Cache-Upstream) tried in order (SPEC 6)."""
+        self.upstream_label = label
+        self._expected = expected
+        self._hasher = hashlib.new(expected[0]) if expected is not None else None
+        self._finished: list[defer.Deferred[None]] = []
+        self._done_called = False
         self._request_headers = request_headers
         self._client_headers = client_headers
         self.stale = stale
@@ -128,18 +145,41 @@ class Download:
     # -- public ----------------------------------------------------------------
 
     def start(self) -> None:
-        """Send the upstream request."""
+        """Send the upstream request (to the next candidate upstream)."""
+        url, self.upstream_label = self._candidates.pop(0)
         pairs = list(self._request_headers)
         if self.stale is not None:
             pairs += policy.validators(self.stale)
         d = self._upstream.request(
             b"GET",
-            self._upstream_url.encode("ascii"),
+            url.encode("ascii"),
             headers_from_pairs(pairs),
             mirrored=self._mirrored,
         )
         d.addCallbacks(self._got_response, self._got_error)
         d.addErrback(self._internal_error)
+
+    def finished(self) -> defer.Deferred[None]:
+        """Fires once the download is over (stored, dropped or failed)."""
+        if self._done_called:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._finished.append(d)
+        return d
+
+    @property
+    def readable(self) -> int:
+        """Bytes followers may have: the last byte of a body whose published
+        digest is still unchecked is held back, so a corrupt download never
+        reaches a client whole."""
+        n = self.bytes_written
+        if self._expected is not None and not self.body_complete:
+            n = max(0, n - 1)
+        return n
+
+    def open_reader(self) -> IPartialReader:
+        assert self._writer is not None
+        return self._writer.open_reader()
 
     def wait(self, client_headers: Iterable[Header]) -> defer.Deferred[Outcome]:
         """Fires with what this download means for a client with these headers."""
@@ -241,13 +281,22 @@ class Download:
             assert outcome.response is not None
             outcome.response.deliverBody(_Discard())
         if outcome.kind is not Kind.STREAM:
-            self._on_done(self)
+            self._done()
 
     # -- upstream events -------------------------------------------------------
 
     def _got_error(self, failure: Failure) -> None:
-        self.failure = failure
         self._on_upstream_error(upstream_error_kind(failure))
+        if self._candidates and not failure.check(DestinationRefused):
+            _log.info(
+                "upstream {label} failed for {url} ({why}); trying the next",
+                label=self.upstream_label,
+                url=self.url,
+                why=failure.getErrorMessage(),
+            )
+            self.start()
+            return
+        self.failure = failure
         self._decide(Outcome(Kind.ERROR, failure=failure))
 
     def _internal_error(self, failure: Failure) -> None:
@@ -259,6 +308,18 @@ class Download:
         status = response.code
         headers = H.end_to_end(pairs_from_headers(response.headers))
         phrase = response.phrase.decode("latin-1", "replace")
+        if (status >= 500 or status == 404) and self._candidates:
+            _log.info(
+                "upstream {label} answered {status} for {url}; trying the next",
+                label=self.upstream_label,
+                status=status,
+                url=self.url,
+            )
+            response.deliverBody(_Discard())
+            self.start()
+            return None
+        if self.upstream_label:
+            headers.append(("X-Cache-Upstream", self.upstream_label))
         if status == 304 and self.stale is not None:
             response.deliverBody(_Discard())
             return defer.Deferred.fromCoroutine(self._refresh(headers))
@@ -327,6 +388,8 @@ class Download:
     def _data(self, data: bytes) -> None:
         assert self._writer is not None
         self._on_upstream_bytes(len(data))
+        if self._hasher is not None:
+            self._hasher.update(data)
         if self._spill is None:
             try:
                 self._writer.write(data)
@@ -353,6 +416,23 @@ class Download:
         )
         if ok and self.total is not None and written != self.total:
             ok = False
+        if ok and self._expected is not None and self._hasher is not None:
+            actual = self._hasher.hexdigest()
+            if actual != self._expected[1]:
+                _log.error(
+                    "digest mismatch for {url}: index published {algo} {expected},"
+                    " download has {actual}; not stored, clients cut off",
+                    url=self.url,
+                    algo=self._expected[0],
+                    expected=self._expected[1],
+                    actual=actual,
+                )
+                self._on_upstream_error("broken")
+                self.failure = Failure(DigestMismatch(self.url))
+                self._writer.abort()
+                self._wake_all()
+                self._done()
+                return
         if not ok:
             self._on_upstream_error(upstream_error_kind(reason))
             _log.warn(
@@ -364,7 +444,7 @@ class Download:
             self.failure = reason
             self._writer.abort()
             self._wake_all()
-            self._on_done(self)
+            self._done()
             return
         self.body_complete = True
         self._wake_all()
@@ -374,7 +454,7 @@ class Download:
             or self.purged
         ):
             self._writer.abort()
-            self._on_done(self)
+            self._done()
             return
         entry = StoredResponse(
             url=self.url,
@@ -396,7 +476,17 @@ class Download:
             _log.failure("could not store {url}", failure, url=self.url)
 
         d.addCallbacks(committed, not_committed)
-        d.addBoth(lambda _: self._on_done(self))
+        d.addBoth(lambda _: self._done())
+
+    def _done(self) -> None:
+        """The download is over: let go of it and tell whoever waits."""
+        if self._done_called:
+            return
+        self._done_called = True
+        self._on_done(self)
+        finished, self._finished = self._finished, []
+        for d in finished:
+            d.callback(None)
 
     def _wake_all(self) -> None:
         for follower in list(self._followers):
@@ -524,7 +614,7 @@ class Follower:
     def _pump_once(self) -> None:
         download = self._download
         while not self._paused and not self._finished:
-            available = download.bytes_written
+            available = download.readable
             limit = available if self._end is None else min(self._end, available)
             if self.offset < limit:
                 try:

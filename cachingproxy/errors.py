@@ -13,8 +13,18 @@ class UpstreamTimeout(Exception):
     """The upstream did not connect or went silent for longer than allowed."""
 
 
+class DigestMismatch(Exception):
+    """A download does not match the digest its index published."""
+
+
 class StoreFull(Exception):
     """The store could not accept more bytes (disk full)."""
 
 
-__all__ = ["BodyMissing", "DestinationRefused", "StoreFull", "UpstreamTimeout"]
+__all__ = [
+    "BodyMissing",
+    "DestinationRefused",
+    "DigestMismatch",
+    "StoreFull",
+    "UpstreamTimeout",
+]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.error import (
     ConnectError,
@@ -19,15 +22,17 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from . import __version__, pages, policy
+from . import __version__, documents, pages, policy
 from . import headers as H
-from .config import ProxyConfig, Rule
+from .config import FOREVER, ProxyConfig, Rule
 from .download import Download, Downloads, FetchSettings, Kind, Outcome
 from .entry import Header, StoredResponse
 from .errors import BodyMissing, DestinationRefused, UpstreamTimeout
 from .interfaces import ICacheStore, IUpstream
+from .mirrors import MirrorMatch, MirrorTable
 from .origdst import original_destination
 from .responses import PassThrough, abort, send_error, set_head
+from .rewrite import MAX_DOCUMENT, Digest, document_kind, merge, rewrite
 from .routing import BadRequest, Listener, classify
 from .routing import Kind as RouteKind
 from .stats import Stats, upstream_error_kind
@@ -49,6 +54,42 @@ _CACHED_PATH_DROP = frozenset(
         "via",
     }
 )
+
+
+_MAX_DIGESTS = 200_000
+
+
+@attrs.frozen
+class Target:
+    """Where a mirrored request goes: its match and how the client sees us."""
+
+    match: MirrorMatch | None
+    local_root: str
+    doc_url: str = ""
+    """Base for resolving links of a merged document (else the upstream's URL)."""
+    single_url: str = ""
+
+    @property
+    def candidates(self) -> list[tuple[str, str]]:
+        """(upstream URL, label) in the order they are tried."""
+        if self.match is None:
+            return [(self.single_url, "")]
+        return list(
+            zip(self.match.upstream_urls(), self.match.mirror.upstreams, strict=True)
+        )
+
+    def document_url(self, label: str | None, key_url: str) -> str:
+        """The upstream URL a document came from: links resolve against it."""
+        if self.doc_url:
+            return self.doc_url
+        if label and self.match is not None:
+            return label + self.match.rest
+        return key_url
+
+    @classmethod
+    def single(cls, url: str) -> Target:
+        """One upstream URL fetched for a merged document."""
+        return cls(None, "", single_url=url)
 
 
 class ProxyResource(Resource):
@@ -102,6 +143,11 @@ class Proxy:
             read_timeout=config.read_timeout,
         )
         self._access_log = access_log
+        self.mirrors = MirrorTable(config.mirrors)
+        self._mirror_rule = Rule(re.compile(""), config.index_ttl, name="mirror")
+        self.digests: OrderedDict[str, Digest] = OrderedDict()
+        """Digests published by index documents served, by the cache key of
+        the file they describe (bounded, oldest dropped)."""
 
     # -- entry point -----------------------------------------------------------
 
@@ -139,6 +185,9 @@ class Proxy:
         if route.kind is RouteKind.CONNECT:
             return self._error(request, 501, "CONNECT is not supported yet", info)
         if route.kind is RouteKind.SELF:
+            match = self.mirrors.match(route.path) if self.mirrors else None
+            if match is not None:
+                return await self._mirror(request, match, method, info)
             info["own_page"] = True
             return await pages.render(request, route.path, self)
         info["url"] = route.url
@@ -215,7 +264,9 @@ class Proxy:
             )
         download = self.downloads.get(url)
         if download is None:
-            download = self._new_download(url, rule, client_headers, entry, shared=True)
+            download = self._new_download(
+                url, rule, client_headers, entry, shared=True, target=self._target(info)
+            )
         outcome = await download.wait(client_headers)
         if outcome.kind is Kind.RETRY:
             # Another variant (or a passthrough another client took): the
@@ -228,7 +279,12 @@ class Proxy:
                 outcome = await sibling.wait(client_headers)
             if sibling is None or outcome.kind is Kind.RETRY:
                 sibling = self._new_download(
-                    url, rule, client_headers, entry, shared=False
+                    url,
+                    rule,
+                    client_headers,
+                    entry,
+                    shared=False,
+                    target=self._target(info),
                 )
                 if download.vary:
                     self.downloads.add_variant(sibling, variant)
@@ -246,16 +302,21 @@ class Proxy:
         stale: StoredResponse | None,
         *,
         shared: bool,
+        target: Target | None = None,
     ) -> Download:
+        drop = _CACHED_PATH_DROP | ({"accept-encoding"} if target else set())
         upstream_headers = [
-            (k, v)
-            for k, v in H.end_to_end(client_headers)
-            if k.lower() not in _CACHED_PATH_DROP
+            (k, v) for k, v in H.end_to_end(client_headers) if k.lower() not in drop
         ]
         upstream_headers.append(("Via", self._upstream_via(client_headers)))
+        candidates = target.candidates if target else [(url, "")]
         download = Download(
             url=url,
-            upstream_url=url,
+            upstream_url=candidates[0][0],
+            label=candidates[0][1],
+            fallbacks=candidates[1:],
+            mirrored=target is not None,
+            expected=self.digests.get(url) if target else None,
             request_headers=upstream_headers,
             client_headers=client_headers,
             stale=stale,
@@ -325,6 +386,15 @@ class Proxy:
         info["cache"] = cache
         self.store.touch(entry)
         age = policy.current_age(entry, self.clock.seconds())
+        if self._is_document(info, entry.headers) and entry.size <= MAX_DOCUMENT:
+            try:
+                body = await documents.read_entry(self.store, entry, MAX_DOCUMENT)
+            except BodyMissing:
+                await self.store.remove(entry.url, entry.variant)
+                return self._error(request, 502, "stored document vanished", info)
+            return self._send_document(
+                request, entry.status, entry.headers, body, cache, info, age=age
+            )
         if policy.not_modified(entry, client_headers):
             set_head(request, 304, entry.headers, cache=cache, via=self.via, age=age)
             request.responseHeaders.removeHeader(b"content-length")
@@ -388,6 +458,16 @@ class Proxy:
     ) -> None:
         # A body that is complete but not yet committed is already ours.
         cache = info["cache"] = "HIT" if download.body_complete else "MISS"
+        if self._is_document(info, outcome.headers):
+            try:
+                body = await documents.read_download(
+                    download, download.open_reader(), MAX_DOCUMENT
+                )
+            except Exception as e:
+                return self._error(request, 502, f"index document: {e}", info, cache)
+            return self._send_document(
+                request, outcome.status, outcome.headers, body, cache, info, age=0
+            )
         status, start, end = outcome.status, 0, download.total
         extra: list[Header] = []
         range_value = H.get(client_headers, "range")
@@ -476,6 +556,12 @@ class Proxy:
         info: dict[str, Any],
     ) -> None:
         info["cache"] = cache
+        if self._is_document(info, outcome.headers) and request.method != b"HEAD":
+            d = defer.Deferred.fromCoroutine(
+                self._pass_document(request, response, outcome, cache, info)
+            )
+            d.addErrback(self.crashed, request)
+            return
         length = response.length if isinstance(response.length, int) else None
         set_head(
             request,
@@ -503,6 +589,204 @@ class Proxy:
                 on_error=self.stats.record_upstream_error,
             )
         )
+
+    # -- mirrors ----------------------------------------------------------------
+
+    async def _mirror(
+        self, request: Request, match: MirrorMatch, method: str, info: dict[str, Any]
+    ) -> None:
+        """A request under a ``--mirror`` prefix (SPEC 6)."""
+        try:
+            url = policy.normalize_url(match.key_url)
+        except policy.BadURL as e:
+            return self._error(request, 400, str(e), info)
+        target = Target(match, self._local_root(request))
+        info["url"] = url
+        info["upstream"] = match.mirror.upstreams[0].split("/", 3)[2]
+        info["target"] = target
+        client_headers = pairs_from_headers(request.requestHeaders)
+        rule = policy.select_rule(self.rules, url)
+        if rule.name == "origin":
+            rule = self._mirror_rule  # everything under a mirror is metadata
+        if rule.ttl == FOREVER:
+            # A package file is never rewritten, whatever its Content-Type.
+            info["target"], info["file_target"] = None, target
+        if policy.request_bypass(rule, method, client_headers) is not None:
+            return await self._bypass(
+                request, target.candidates[0][0], method, client_headers, info
+            )
+        path = match.rest.split("?", 1)[0]
+        if len(match.mirror.upstreams) > 1 and (
+            path in ("simple/", "simple") or (match.mirror.merge and "/" in path)
+        ):
+            return await self._merged(request, target, rule, client_headers, info)
+        await self._cached(request, url, rule, client_headers, info)
+
+    async def _merged(
+        self,
+        request: Request,
+        target: Target,
+        rule: Rule,
+        client_headers: list[Header],
+        info: dict[str, Any],
+    ) -> None:
+        """The union of every upstream's page (the root /simple/ page, or a
+        project page of a ``merge = true`` mirror)."""
+        docs: list[tuple[str, bytes]] = []
+        first: tuple[int, list[Header]] | None = None
+        caches = set()
+        for upstream_url, _ in target.candidates:
+            try:
+                url = policy.normalize_url(upstream_url)
+            except policy.BadURL:
+                continue
+            got = await self._fetch_document(url, rule, client_headers)
+            if got is None:
+                continue
+            status, headers, body, cache = got
+            if status != 200:
+                continue
+            caches.add(cache)
+            docs.append((upstream_url, body))
+            first = first or (status, headers)
+        if first is None:
+            return self._error(request, 404, "no upstream has this page", info, "MISS")
+        cache = "MISS" if "MISS" in caches else sorted(caches)[0]
+        headers = [
+            (k, v)
+            for k, v in first[1]
+            if k.lower() not in ("etag", "last-modified", "x-cache-upstream")
+        ]
+        kind = document_kind(H.get(headers, "content-type")) or "html"
+        body = merge(kind, docs)
+        info["target"] = attrs.evolve(target, doc_url=target.candidates[0][0])
+        self._send_document(request, 200, headers, body, cache, info)
+
+    async def _fetch_document(
+        self, url: str, rule: Rule, client_headers: list[Header]
+    ) -> tuple[int, list[Header], bytes, str] | None:
+        """One upstream's document through the cache, whole; None on failure."""
+        entry = policy.select_variant(await self.store.lookup(url), client_headers)
+        now = self.clock.seconds()
+        cfg = self.config
+        if entry is not None and (
+            cfg.offline
+            or policy.is_fresh(rule, entry, now, cfg.index_ttl, cfg.negative_ttl)
+        ):
+            body = await documents.read_entry(self.store, entry, MAX_DOCUMENT)
+            return entry.status, list(entry.headers), body, "HIT"
+        if cfg.offline:
+            return None
+        download = self.downloads.get(url) or self._new_download(
+            url,
+            rule,
+            client_headers,
+            entry,
+            shared=True,
+            target=Target.single(url),
+        )
+        outcome = await download.wait(client_headers)
+        try:
+            if outcome.kind is Kind.STREAM:
+                reader = download.open_reader()
+                body = await documents.read_download(download, reader, MAX_DOCUMENT)
+                return outcome.status, list(outcome.headers), body, "MISS"
+            if outcome.kind is Kind.NOT_MODIFIED and outcome.entry is not None:
+                body = await documents.read_entry(
+                    self.store, outcome.entry, MAX_DOCUMENT
+                )
+                return 200, list(outcome.entry.headers), body, "REVALIDATED"
+            if outcome.kind is Kind.PASSTHROUGH and outcome.response is not None:
+                body = await documents.collect(outcome.response, MAX_DOCUMENT)
+                return outcome.status, list(outcome.headers), body, "MISS"
+        except Exception as e:
+            _log.warn("cannot read {url}: {e}", url=url, e=e)
+        if entry is not None and policy.stale_allowed(
+            rule, entry, now, cfg.index_ttl, cfg.negative_ttl, cfg.max_stale
+        ):
+            body = await documents.read_entry(self.store, entry, MAX_DOCUMENT)
+            return entry.status, list(entry.headers), body, "STALE"
+        return None
+
+    @staticmethod
+    def _target(info: dict[str, Any]) -> Target | None:
+        """The mirror target of a request (its upstreams), if mirrored."""
+        target: Target | None = info.get("target") or info.get("file_target")
+        return target
+
+    def _is_document(self, info: dict[str, Any], headers: Iterable[Header]) -> bool:
+        """Whether a mirrored response is an index document to rewrite."""
+        if info.get("target") is None:
+            return False
+        items = list(headers)
+        encoding = (H.get(items, "content-encoding") or "identity").lower()
+        return encoding == "identity" and (
+            document_kind(H.get(items, "content-type")) is not None
+        )
+
+    async def _pass_document(
+        self,
+        request: Request,
+        response: IResponse,
+        outcome: Outcome,
+        cache: str,
+        info: dict[str, Any],
+    ) -> None:
+        try:
+            body = await documents.collect(response, MAX_DOCUMENT)
+        except Exception as e:
+            return self._error(request, 502, f"index document: {e}", info, cache)
+        self._send_document(
+            request, outcome.status, list(outcome.headers), body, cache, info
+        )
+
+    def _send_document(
+        self,
+        request: Request,
+        status: int,
+        headers: Iterable[Header],
+        body: bytes,
+        cache: str,
+        info: dict[str, Any],
+        age: float | None = None,
+    ) -> None:
+        """An index document with its URLs rewritten for this client."""
+        target: Target = info["target"]
+        items = list(headers)
+        kind = document_kind(H.get(items, "content-type"))
+        if kind is not None and status == 200:
+            body, digests = rewrite(
+                body,
+                kind,
+                target.document_url(H.get(items, "x-cache-upstream"), info["url"]),
+                self.mirrors,
+                target.local_root,
+            )
+            self._remember(digests)
+        if request._disconnected or request.finished:
+            return
+        set_head(
+            request, status, items, cache=cache, via=self.via, age=age, length=len(body)
+        )
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+
+    def _remember(self, digests: dict[str, Digest]) -> None:
+        for url, digest in digests.items():
+            self.digests[url] = digest
+            self.digests.move_to_end(url)
+        while len(self.digests) > _MAX_DIGESTS:
+            self.digests.popitem(last=False)
+
+    def _local_root(self, request: Request) -> str:
+        """``scheme://host[:port]`` as the client addressed the proxy."""
+        scheme = "https" if request.isSecure() else "http"
+        host = (request.getHeader(b"host") or b"").decode("latin-1").strip()
+        if not host:
+            local = request.getHost()
+            host = f"{getattr(local, 'host', 'localhost')}:{getattr(local, 'port', 80)}"
+        return f"{scheme}://{host}"
 
     # -- admin ------------------------------------------------------------------
 

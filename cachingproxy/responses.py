@@ -17,7 +17,7 @@ from . import headers as H
 from .entry import Header
 from .stats import upstream_error_kind
 
-_OWN = frozenset({"content-length", "age", "x-cache", "x-cache-upstream", "via"})
+_OWN = frozenset({"content-length", "age", "x-cache", "via"})
 
 
 def set_head(
