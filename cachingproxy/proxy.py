@@ -400,30 +400,24 @@ class Proxy:
             request.responseHeaders.removeHeader(b"content-length")
             request.finish()
             return
-        start, end, status = 0, entry.size, entry.status
-        extra: list[Header] = []
-        range_value = H.get(client_headers, "range")
-        if (
-            status == 200
-            and range_value
-            and policy.if_range_matches(entry, client_headers)
-        ):
-            byte_range = policy.parse_range(range_value, entry.size)
-            if byte_range is policy.Unsatisfiable.RANGE:
-                set_head(
-                    request,
-                    416,
-                    [("Content-Range", f"bytes */{entry.size}")],
-                    cache=cache,
-                    via=self.via,
-                    age=age,
-                    length=0,
-                )
-                request.finish()
-                return
-            if isinstance(byte_range, policy.ByteRange):
-                start, end, status = byte_range.start, byte_range.end, 206
-                extra = [("Content-Range", f"bytes {start}-{end - 1}/{entry.size}")]
+        planned = _plan_range(
+            entry.status,
+            client_headers if policy.if_range_matches(entry, client_headers) else [],
+            entry.size,
+        )
+        if planned is None:
+            set_head(
+                request,
+                416,
+                [("Content-Range", f"bytes */{entry.size}")],
+                cache=cache,
+                via=self.via,
+                age=age,
+                length=0,
+            )
+            request.finish()
+            return
+        status, start, end, extra = planned
         set_head(
             request,
             status,
@@ -470,12 +464,11 @@ class Proxy:
             )
         status, start, end = outcome.status, 0, download.total
         extra: list[Header] = []
-        range_value = H.get(client_headers, "range")
-        if status == 200 and range_value and download.total is not None:
-            byte_range = policy.parse_range(range_value, download.total)
-            if isinstance(byte_range, policy.ByteRange):
-                start, end, status = byte_range.start, byte_range.end, 206
-                extra = [("Content-Range", f"bytes {start}-{end - 1}/{download.total}")]
+        if download.total is not None:
+            # A range past the end of a file not yet stored: the whole file.
+            status, start, end, extra = _plan_range(
+                status, client_headers, download.total
+            ) or (status, 0, download.total, [])
         set_head(
             request,
             status,
@@ -848,6 +841,24 @@ class Proxy:
                 "upstream": info["upstream"],
             }
         )
+
+
+def _plan_range(
+    status: int, client_headers: list[Header], size: int
+) -> tuple[int, int, int, list[Header]] | None:
+    """(status, start, end, extra headers) for a body of ``size`` bytes: 206
+    for a satisfiable single Range on a 200, else the whole body; None when
+    the range is unsatisfiable (416)."""
+    range_value = H.get(client_headers, "range")
+    if status != 200 or not range_value:
+        return status, 0, size, []
+    byte_range = policy.parse_range(range_value, size)
+    if byte_range is policy.Unsatisfiable.RANGE:
+        return None
+    if byte_range is None:
+        return status, 0, size, []
+    start, end = byte_range.start, byte_range.end
+    return 206, start, end, [("Content-Range", f"bytes {start}-{end - 1}/{size}")]
 
 
 def _drain() -> Any:
