@@ -73,9 +73,13 @@ async def purge(request: Request, query: str, proxy: Proxy) -> None:
         what = url
     else:
         prefix = prefixes[0]
-        with contextlib.suppress(BadURL):
-            # Normalise the scheme and host part the same way keys are.
-            prefix = normalize_url(prefix) if prefix.count("/") >= 3 else prefix
+        if prefix.count("/") >= 3:
+            with contextlib.suppress(BadURL):
+                # Normalise the scheme and host part the same way keys are.
+                prefix = normalize_url(prefix)
+        else:
+            # Only a scheme and (part of) a host: keys have them in lower case.
+            prefix = prefix.lower()
         removed = await proxy.purge_prefix(prefix)
         what = f"prefix {prefix}"
     _log.info("purged {what}: {n} entries", what=what, n=removed)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from typing import Any
 
+import attrs
 from attrs import frozen
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -649,11 +650,26 @@ class Follower:
         self._on_finish(failure)
 
 
+@attrs.define(eq=False)
+class PassingThrough:
+    """A response streaming to one client unstored (for the status page)."""
+
+    url: str
+    total: int | None
+    started_at: float
+    bytes_written: int = 0
+    clients: int = 1
+
+    def received(self, n: int) -> None:
+        self.bytes_written += n
+
+
 class Downloads:
     """The downloads in flight, by normalised URL (for coalescing and status)."""
 
     def __init__(self) -> None:
         self.in_flight: dict[str, Download] = {}
+        self.passing: set[PassingThrough] = set()
         self._variants: dict[tuple[str, str], Download] = {}
         """Downloads of other variants of a URL, by (url, variant under the
         Vary of the URL's first download), so their clients share them too."""
@@ -661,17 +677,18 @@ class Downloads:
     def get(self, url: str) -> Download | None:
         return self.in_flight.get(url)
 
-    def all(self) -> list[Download]:
-        """Every download in flight, shared by URL or by variant."""
-        return list(
-            {
-                id(d): d for d in [*self.in_flight.values(), *self._variants.values()]
-            }.values()
+    def all(self) -> list[Download | PassingThrough]:
+        """Every download in flight: shared by URL or by variant, and the
+        responses streaming through unstored."""
+        shared = [*self.in_flight.values(), *self._variants.values()]
+        unique: list[Download | PassingThrough] = list(
+            {id(d): d for d in shared}.values()
         )
+        return unique + list(self.passing)
 
     def matching(self, predicate: Callable[[str], bool]) -> list[Download]:
-        """The downloads in flight whose URL satisfies ``predicate``."""
-        return [d for d in self.all() if predicate(d.url)]
+        """The shared downloads in flight whose URL satisfies ``predicate``."""
+        return [d for d in self.all() if isinstance(d, Download) and predicate(d.url)]
 
     def add(self, download: Download) -> None:
         self.in_flight[download.url] = download

@@ -25,7 +25,14 @@ from twisted.web.server import NOT_DONE_YET, Request
 from . import __version__, documents, pages, policy
 from . import headers as H
 from .config import FOREVER, ProxyConfig, Rule
-from .download import Download, Downloads, FetchSettings, Kind, Outcome
+from .download import (
+    Download,
+    Downloads,
+    FetchSettings,
+    Kind,
+    Outcome,
+    PassingThrough,
+)
 from .entry import Header, StoredResponse
 from .errors import BodyMissing, DestinationRefused, UpstreamTimeout
 from .interfaces import ICacheStore, IUpstream
@@ -574,12 +581,20 @@ class Proxy:
             if not request._disconnected:
                 request.finish()
             return
+        flight = PassingThrough(info.get("url", ""), length, self.clock.seconds())
+        self.downloads.passing.add(flight)
+
+        def received(n: int) -> None:
+            flight.received(n)
+            self.stats.record_upstream_bytes(n)
+
         response.deliverBody(
             PassThrough(
                 request,
                 response,
-                on_data=self.stats.record_upstream_bytes,
+                on_data=received,
                 on_error=self.stats.record_upstream_error,
+                on_done=lambda: self.downloads.passing.discard(flight),
             )
         )
 
@@ -609,8 +624,11 @@ class Proxy:
                 request, target.candidates[0][0], method, client_headers, info
             )
         path = match.rest.split("?", 1)[0]
+        # Only index pages are merged; a package file comes whole from the
+        # first upstream that has it.
         if len(match.mirror.upstreams) > 1 and (
-            path in ("simple/", "simple") or (match.mirror.merge and "/" in path)
+            path in ("simple/", "simple")
+            or (match.mirror.merge and "/" in path and rule.ttl != FOREVER)
         ):
             return await self._merged(request, target, rule, client_headers, info)
         await self._cached(request, url, rule, client_headers, info)

@@ -101,7 +101,9 @@ class PassThrough(Protocol):
         *,
         on_data: Callable[[int], None] = lambda n: None,
         on_error: Callable[[str], None] = lambda kind: None,
+        on_done: Callable[[], None] = lambda: None,
     ) -> None:
+        self._on_done = on_done
         self._on_data = on_data
         self._on_error = on_error
         self._request = request
@@ -130,6 +132,7 @@ class PassThrough(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802,B008
         self.finished = True
+        self._on_done()
         if self._client_gone:
             return
         self._request.unregisterProducer()

@@ -10,7 +10,9 @@ Uses of entries (:meth:`DiskStore.touch`) are kept in memory and written in
 one statement every :data:`FLUSH_INTERVAL` seconds, before an eviction and on
 close, so a hit costs no write.  With ``max_size``, a commit that would take
 the bodies past it first evicts the least recently used entries down to
-:data:`LOW_WATER` of it, sparing bodies that are being read.
+:data:`LOW_WATER` of it, sparing bodies that are being read; when only those
+could have made room, the budget is restored as soon as the last of their
+reads ends.
 """
 
 from __future__ import annotations
@@ -189,12 +191,28 @@ class DiskStore:
             self._write_uses()
             if self._index.data_version() != self._data_version:
                 self._reread_totals()
-            if self.max_size is not None and self._bytes > self.max_size:
-                with self._index.transaction():
-                    victims = self._choose_victims(None)
-                self._evicted(victims)
+            self._evict_if_over()
         except sqlite3.Error as e:
             _log.warn("Cannot update the index of {path}: {e}", path=self.path, e=e)
+
+    def _evict_if_over(self) -> None:
+        """Evict down to :data:`LOW_WATER` if the bodies are over ``max_size``
+        (a commit may pass it while the only bodies that could make room are
+        being read)."""
+        if self.max_size is not None and self._bytes > self.max_size:
+            with self._index.transaction():
+                victims = self._choose_victims(None)
+            self._evicted(victims)
+
+    def _read_ended(self) -> None:
+        """The last reader of a body is done: restore the budget now rather
+        than at the next flush, so it holds whenever nothing is being read."""
+        if self._closed or self.max_size is None or self._bytes <= self.max_size:
+            return
+        try:
+            self._evict_if_over()
+        except sqlite3.Error as e:
+            _log.warn("Cannot evict from {path}: {e}", path=self.path, e=e)
 
     def _choose_victims(self, incoming: StoredResponse | None) -> list[Candidate]:
         """Within a transaction: drop LRU rows so ``incoming`` fits under max_size.
@@ -304,6 +322,7 @@ class DiskStore:
             self._readers[ref] -= 1
             if not self._readers[ref]:
                 del self._readers[ref]
+                self._read_ended()
 
         producer = RangeProducer(
             consumer, partial(os.pread, fd), release, *span, self._clock
