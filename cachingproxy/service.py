@@ -119,12 +119,40 @@ class ProxyService(Service):
         self.ports: list[IListeningPort] = []
         self.access_log: AccessLog | None = None
         self.site: _QuietSite | None = None
-        self.policy = DestinationPolicy()
+        self.policy = DestinationPolicy(
+            allow_upstream=config.allow_upstream,
+            upstream_ports=config.upstream_ports,
+            own_addresses=_own_addresses(),
+        )
         self._previous_sighup: Any = None
+
+    def privilegedStartService(self) -> None:  # noqa: N802
+        """Bind the listening ports while still root (twistd --uid/--gid
+        drops privileges between this and startService)."""
+        super().privilegedStartService()
+        self._listen()
+
+    def _listen(self) -> None:
+        # The resource is set by startService; no request arrives before
+        # the reactor runs.
+        site = self.site = _QuietSite(None)
+        failures: list[str] = []
+        for description in self.config.listen:
+            d = serverFromString(self.reactor, description).listen(site)
+            d.addCallback(self._listening, description)
+            d.addErrback(self._listen_failed, description, failures)
+        if failures:
+            # TCP and UNIX endpoints fail synchronously; stop start-up here,
+            # outside the Deferred, so twistd exits with the message.
+            for port in self.ports:
+                port.stopListening()
+            _fatal("; ".join(failures))
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
         config = self.config
+        if self.site is None:
+            self._listen()
         if self.store is None:
             try:
                 self.store = DiskStore.open(
@@ -132,14 +160,9 @@ class ProxyService(Service):
                 )
             except Exception as e:
                 _fatal(f"--cache-dir {config.cache_dir}: cannot open the cache: {e}")
-        policy = self.policy = DestinationPolicy(
-            allow_upstream=config.allow_upstream,
-            upstream_ports=config.upstream_ports,
-            own_addresses=_own_addresses(),
-        )
         self.upstream = Upstream(
             self.reactor,
-            policy,
+            self.policy,
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             upstream_ca=config.upstream_ca,
@@ -152,18 +175,8 @@ class ProxyService(Service):
         self.proxy = Proxy(
             config, self.store, self.upstream, self.reactor, access_log=self.access_log
         )
-        site = self.site = _QuietSite(ProxyResource(self.proxy))
-        failures: list[str] = []
-        for description in config.listen:
-            d = serverFromString(self.reactor, description).listen(site)
-            d.addCallback(self._listening, description)
-            d.addErrback(self._listen_failed, description, failures)
-        if failures:
-            # TCP and UNIX endpoints fail synchronously; stop start-up here,
-            # outside the Deferred, so twistd exits with the message.
-            for port in self.ports:
-                port.stopListening()
-            _fatal("; ".join(failures))
+        assert self.site is not None
+        self.site.resource = ProxyResource(self.proxy)
 
     def _listening(self, port: IListeningPort, description: str) -> None:
         self.ports.append(port)

@@ -6,6 +6,7 @@ trial never reports a dirty reactor.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -661,3 +662,459 @@ __all__ += [
     "raw_exchange",
     "start_proxy_with",
 ]
+
+
+# -- helpers for the operator's surface: own pages, purge, budget --------------
+
+
+def start_proxy_with_store(
+    test: TestCase, store: Any, **overrides: Any
+) -> tuple[ProxyService, int]:
+    """``start_proxy`` with an injected ``ICacheStore`` (e.g. a MemoryStore
+    with a ``capacity``, to provoke StoreFull)."""
+    service = ProxyService(proxy_config(test, **overrides), reactor, store=store)
+    service.startService()
+    test.addCleanup(service.stopService)
+    address: Any = service.ports[0].getHost()
+    return service, address.port
+
+
+async def own_page(
+    test: TestCase,
+    proxy_port: int,
+    path: str,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+) -> tuple[Any, bytes]:
+    """Request one of the proxy's own pages, self-addressed in origin-form
+    (``Host: 127.0.0.1:PORT``, the address it listens on)."""
+    return await fetch(
+        client(test), f"http://127.0.0.1:{proxy_port}{path}", headers, method
+    )
+
+
+async def from_peer(
+    test: TestCase,
+    service: ProxyService,
+    data: bytes,
+    peer: str,
+    timeout: float = 5.0,
+) -> tuple[int, dict[str, list[str]], bytes]:
+    """Send the raw request ``data`` to the running proxy's site as if it came
+    from ``peer`` (e.g. a non-loopback ``10.0.0.5``), to the address the proxy
+    listens on; returns status, headers and body of the answer.
+
+    The connection is an in-memory ``StringTransport``: every byte goes
+    through the real HTTP parser, routing and handlers, only the socket is
+    simulated, since a loopback test cannot make a non-loopback peer.
+    """
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    assert service.site is not None
+    local = service.ports[0].getHost()
+    transport = StringTransport(
+        hostAddress=local, peerAddress=IPv4Address("TCP", peer, 40000)
+    )
+    protocol = service.site.buildProtocol(transport.getPeer())
+    assert protocol is not None
+    protocol.makeConnection(transport)
+    try:
+        protocol.dataReceived(data)
+        waited = 0.0
+        while not (transport.disconnecting or _response_complete(transport.value())):
+            if waited > timeout:
+                raise AssertionError(f"no complete response: {transport.value()!r}")
+            await pause(0.005)
+            waited += 0.005
+    finally:
+        # Also cancels the channel's idle timeout (no dirty reactor).
+        protocol.connectionLost(_CLOSED)
+    return parse_raw_response(transport.value())
+
+
+__all__ += ["from_peer", "own_page", "start_proxy_with_store"]
+
+
+# -- helpers for the real-client mirror tests (pip, npm, pypiserver) -----------
+
+
+def build_wheel(
+    name: str,
+    version: str,
+    requires: Iterable[str] = (),
+    files: dict[str, bytes] | None = None,
+) -> tuple[str, bytes]:
+    """A minimal valid pure-Python wheel (PEP 427, with a RECORD); returns its
+    file name and bytes.  ``requires`` become ``Requires-Dist`` lines;
+    ``files`` (paths inside the wheel) default to an ``__init__.py`` whose
+    ``VALUE`` is ``"NAME VERSION"``."""
+    import base64
+    import hashlib
+    import io
+    import zipfile
+
+    dist = name.replace("-", "_").replace(".", "_")
+    info = f"{dist}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    metadata += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    contents = dict(
+        files
+        if files is not None
+        else {f"{dist}/__init__.py": f"VALUE = {name + ' ' + version!r}\n".encode()}
+    )
+    contents[f"{info}/METADATA"] = metadata.encode()
+    contents[f"{info}/WHEEL"] = (
+        b"Wheel-Version: 1.0\nGenerator: cachingproxy-tests\n"
+        b"Root-Is-Purelib: true\nTag: py3-none-any\n"
+    )
+
+    def record_hash(data: bytes) -> str:
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest())
+        return "sha256=" + digest.rstrip(b"=").decode()
+
+    record = "".join(
+        f"{path},{record_hash(data)},{len(data)}\n" for path, data in contents.items()
+    )
+    contents[f"{info}/RECORD"] = (record + f"{info}/RECORD,,\n").encode()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path, data in contents.items():
+            archive.writestr(zipfile.ZipInfo(path, (2024, 1, 1, 0, 0, 0)), data)
+    return f"{dist}-{version}-py3-none-any.whl", buffer.getvalue()
+
+
+def client_env(home: str | None = None, **extra: str) -> dict[str, str]:
+    """This environment with every proxy variable and every pip/npm setting
+    of the machine shut out (``PIP_CONFIG_FILE=/dev/null``, no ``PIP_*``,
+    no ``npm_config_*``), so a package client talks only to the URLs its
+    command line names.  ``home`` replaces ``HOME`` (npm reads ``~/.npmrc``)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.upper().startswith(("PIP_", "NPM_CONFIG_", "UV_", "YARN_"))
+        and "proxy" not in k.lower()
+    }
+    env.update(
+        PIP_CONFIG_FILE=os.devnull,
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+        PIP_NO_INPUT="1",
+        PIP_NO_COLOR="1",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    if home is not None:
+        env["HOME"] = home
+    env.update(extra)
+    return env
+
+
+class ChildServer(ProcessProtocol):
+    """A server child process listening on 127.0.0.1:``port``; killed and
+    reaped in a cleanup if the test did not ``stop`` it."""
+
+    def __init__(
+        self,
+        test: TestCase,
+        argv: list[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        path: str | None = None,
+    ) -> None:
+        self.port = port
+        self.output = bytearray()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self.running = True
+        executable = shutil.which(argv[0]) or argv[0]
+        self.process = reactor.spawnProcess(
+            self, executable, argv, env=os.environ if env is None else env, path=path
+        )
+        test.addCleanup(lambda: defer.Deferred.fromCoroutine(self.stop("KILL")))
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:  # noqa: N802
+        self.output += data
+
+    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+        self.running = False
+        self.ended.callback(None)
+
+    def log(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    async def wait_listening(self, timeout: float = 20.0) -> None:
+        """Poll until the port accepts connections (bounded)."""
+        waited = 0.0
+        while True:
+            if not self.running:
+                raise AssertionError(f"server exited during start-up:\n{self.log()}")
+            with socket.socket() as s:
+                s.settimeout(1)
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if waited > timeout:
+                raise AssertionError(f"not listening after {timeout}s:\n{self.log()}")
+            await pause(0.05)
+            waited += 0.05
+
+    async def stop(self, signal: str = "TERM", timeout: float = 10.0) -> None:
+        """Send ``signal`` and wait until the child is reaped (KILL after
+        ``timeout`` seconds)."""
+        from twisted.internet.error import ProcessExitedAlready
+
+        def send(name: str) -> None:
+            if self.running:
+                with contextlib.suppress(ProcessExitedAlready):
+                    self.process.signalProcess(name)
+
+        if not self.running:
+            return
+        send(signal)
+        timer = reactor.callLater(timeout, send, "KILL")
+        await self.ended
+        if timer.active():
+            timer.cancel()
+
+
+__all__ += ["ChildServer", "build_wheel", "client_env"]
+
+
+# -- long-running children and network namespaces (etc/, netns, apt tests) -----
+
+
+class Child(ProcessProtocol):
+    """A long-running child process (a server) whose output is collected.
+
+    Stopped (SIGTERM, then SIGKILL) and reaped in a cleanup of ``test``.
+    """
+
+    def __init__(
+        self,
+        test: TestCase,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        path: str | None = None,
+    ) -> None:
+        self.argv = argv
+        self.output = bytearray()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self.reason: Failure | None = None
+        self.process = reactor.spawnProcess(
+            self,
+            shutil.which(argv[0]) or argv[0],
+            argv,
+            env=os.environ if env is None else env,
+            path=path,
+        )
+        test.addCleanup(lambda: defer.Deferred.fromCoroutine(self.stop()))
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:  # noqa: N802
+        self.output += data
+
+    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+        self.reason = reason
+        self.ended.callback(None)
+
+    @property
+    def running(self) -> bool:
+        return self.reason is None
+
+    def text(self) -> str:
+        """Everything it printed so far (stdout and stderr), decoded."""
+        return self.output.decode("utf-8", "replace")
+
+    async def wait_for_text(self, text: str, timeout: float = 20.0) -> None:
+        """Poll until ``text`` appears in the output (bounded); fail if the
+        child exits first."""
+        waited = 0.0
+        while text not in self.text():
+            if not self.running:
+                raise AssertionError(f"{self.argv!r} exited:\n{self.text()}")
+            if waited > timeout:
+                raise AssertionError(
+                    f"no {text!r} from {self.argv!r} after {timeout}s:\n{self.text()}"
+                )
+            await pause(0.02)
+            waited += 0.02
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps it."""
+        from twisted.internet.error import ProcessExitedAlready
+
+        if not self.running:
+            return
+        with contextlib.suppress(ProcessExitedAlready):
+            self.process.signalProcess("TERM")
+        for _ in range(int(grace / 0.02)):
+            if not self.running:
+                return
+            await pause(0.02)
+        with contextlib.suppress(ProcessExitedAlready):
+            self.process.signalProcess("KILL")
+        await self.ended
+
+
+def no_proxy_env(**extra: str) -> dict[str, str]:
+    """This environment without any proxy variable (``http_proxy`` …)."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(extra)
+    return env
+
+
+class NetnsUnavailable(Exception):
+    """Network namespaces cannot be made here (not root, no ``ip``, …)."""
+
+
+@attrs.frozen
+class Netns:
+    """Three network namespaces made for one test: client — router — origin.
+
+    ``client`` (eth0, CLIENT_IP) reaches the world only through ``router``
+    (lan0 = ROUTER_LAN_IP, up0 = ROUTER_UP_IP), which forwards to ``origin``
+    (eth0 = ORIGIN_IP and ORIGIN_IP2). Nothing else is routed: every address
+    is inside these namespaces. Each namespace also gets its own
+    ``/etc/netns/NAME/`` files (hosts, and a resolv.conf naming 127.0.0.1, so
+    no DNS query can leave it).
+    """
+
+    client: str
+    router: str
+    origin: str
+
+    CLIENT_IP = "10.200.1.2"
+    ROUTER_LAN_IP = "10.200.1.1"
+    LAN_NET = "10.200.1.0/24"
+    ROUTER_UP_IP = "10.200.2.1"
+    ORIGIN_IP = "10.200.2.2"
+    ORIGIN_IP2 = "10.200.2.3"
+    UP_NET = "10.200.2.0/24"
+    LAN_IF = "lan0"
+
+    @property
+    def names(self) -> tuple[str, str, str]:
+        return (self.client, self.router, self.origin)
+
+    def exec(self, namespace: str, *argv: str) -> list[str]:
+        """``argv`` run inside ``namespace``."""
+        return ["ip", "netns", "exec", namespace, *argv]
+
+    def setup_script(self) -> str:
+        """The ``sh -e`` script that wires the namespaces together."""
+        c, r, o = self.names
+        return "\n".join(
+            [
+                f"ip -n {r} link add lan0 type veth peer name eth0 netns {c}",
+                f"ip -n {r} link add up0 type veth peer name eth0 netns {o}",
+                f"ip -n {c} addr add {self.CLIENT_IP}/24 dev eth0",
+                f"ip -n {r} addr add {self.ROUTER_LAN_IP}/24 dev lan0",
+                f"ip -n {r} addr add {self.ROUTER_UP_IP}/24 dev up0",
+                f"ip -n {o} addr add {self.ORIGIN_IP}/24 dev eth0",
+                f"ip -n {o} addr add {self.ORIGIN_IP2}/24 dev eth0",
+                *(f"ip -n {ns} link set lo up" for ns in self.names),
+                f"ip -n {c} link set eth0 up",
+                f"ip -n {r} link set lan0 up",
+                f"ip -n {r} link set up0 up",
+                f"ip -n {o} link set eth0 up",
+                f"ip -n {c} route add default via {self.ROUTER_LAN_IP}",
+                f"ip -n {o} route add default via {self.ROUTER_UP_IP}",
+                # Forwarding inside the router namespace only.
+                f"ip netns exec {r} sysctl -q -w net.ipv4.ip_forward=1",
+            ]
+        )
+
+
+def unique_name(role: str) -> str:
+    """A namespace name no other test run uses at the same time."""
+    return f"cpt{os.getpid() % 100000}{os.urandom(3).hex()}{role}"
+
+
+async def add_namespace(test: TestCase, role: str = "", hosts: str = "") -> str:
+    """A fresh, empty network namespace with loopback up, removed (with every
+    process still in it) by a cleanup of ``test``; ``hosts`` is appended to
+    its ``/etc/hosts``.
+
+    @raise NetnsUnavailable: not root, or ``ip netns add`` failed.
+    """
+    if os.geteuid() != 0:
+        raise NetnsUnavailable("network namespaces need root")
+    if shutil.which("ip") is None:
+        raise NetnsUnavailable("ip (iproute2) is not installed (.ci/run installs it)")
+    name = unique_name(role)
+    etc = os.path.join("/etc/netns", name)
+    os.makedirs(etc)
+    with open(os.path.join(etc, "hosts"), "w") as f:
+        f.write(f"127.0.0.1 localhost\n::1 localhost\n{hosts}")
+    with open(os.path.join(etc, "resolv.conf"), "w") as f:
+        f.write("nameserver 127.0.0.1\n")
+    added = await run_process(["ip", "netns", "add", name], timeout=10)
+    if added.code != 0:
+        shutil.rmtree(etc, ignore_errors=True)
+        raise NetnsUnavailable(f"ip netns add failed: {added.output.strip()}")
+    test.addCleanup(lambda: defer.Deferred.fromCoroutine(remove_namespace(name)))
+    up = await run_process(["ip", "-n", name, "link", "set", "lo", "up"], timeout=10)
+    if up.code != 0:
+        raise AssertionError(up.output)
+    return name
+
+
+async def remove_namespace(name: str) -> None:
+    """Kill what still runs in namespace ``name`` (only processes the test
+    started there), delete it and its ``/etc/netns`` files."""
+    pids = await run_process(["ip", "netns", "pids", name], timeout=10)
+    for pid in pids.out.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), 9)
+    if pids.out.split():
+        await pause(0.1)
+    await run_process(["ip", "netns", "del", name], timeout=10)
+    shutil.rmtree(os.path.join("/etc/netns", name), ignore_errors=True)
+
+
+async def make_netns(test: TestCase, router_hosts: str = "") -> Netns:
+    """Client, router and origin namespaces wired as described by ``Netns``;
+    all removed by cleanups. ``router_hosts`` goes into the router's hosts.
+
+    @raise NetnsUnavailable: namespaces cannot be made here.
+    """
+    client = await add_namespace(test, "c")
+    router = await add_namespace(test, "r", router_hosts)
+    origin = await add_namespace(test, "o")
+    netns = Netns(client, router, origin)
+    result = await run_process(["sh", "-ec", netns.setup_script()], timeout=30)
+    if result.code != 0:
+        raise AssertionError(f"namespace set-up failed:\n{result.output}")
+    return netns
+
+
+__all__ += [
+    "Child",
+    "Netns",
+    "NetnsUnavailable",
+    "add_namespace",
+    "make_netns",
+    "no_proxy_env",
+    "remove_namespace",
+    "unique_name",
+]
+
+
+def with_defines(text: str, **values: str) -> str:
+    """``text`` (an nft file) with the value of each ``define NAME = …`` line
+    named in ``values`` replaced: what an operator edits before loading it.
+
+    @raise KeyError: a name has no define line in ``text``.
+    """
+    lines = text.splitlines(keepends=True)
+    for name, value in values.items():
+        prefix = f"define {name} = "
+        found = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+        if len(found) != 1:
+            raise KeyError(f"{len(found)} 'define {name}' lines")
+        lines[found[0]] = f"{prefix}{value}\n"
+    return "".join(lines)
+
+
+def etc_path(*parts: str) -> str:
+    """A file under the checkout's ``etc/``."""
+    return os.path.join(REPO_ROOT, "etc", *parts)
+
+
+__all__ += ["etc_path", "with_defines"]
