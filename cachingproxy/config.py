@@ -76,5 +76,14 @@ class ProxyConfig:
     """Bearer token that unlocks admin actions from non-loopback clients."""
     mirrors: tuple[Mirror, ...] = ()
     """Mounted upstreams (--mirror, --source, [[mirror]]), in final form."""
+    connect_ports: frozenset[int] = frozenset({443})
+    intercept: tuple[str, ...] = ()
+    """Host globs whose HTTPS is intercepted (presets already expanded)."""
+    ca_cert: str | None = None
+    ca_key: str | None = None
+    listen_tls: tuple[str, ...] = ()
+    proxy_auth: str | None = None
+    """htpasswd file required as Proxy-Authorization: Basic."""
+    max_client_connections: int = 256
     rules: tuple[Rule, ...] = field(default=())
     """Operator rules from the config file; they come before the default rules."""

@@ -15,7 +15,7 @@ from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
-    from twisted.internet.interfaces import IConsumer
+    from twisted.internet.interfaces import IConsumer, IProtocol, IProtocolFactory
     from twisted.web.http_headers import Headers
     from twisted.web.iweb import IBodyProducer, IResponse
 
@@ -162,6 +162,17 @@ class IUpstream(Interface):
 
         @raise DestinationRefused: the resolved address or port is not allowed.
         @raise UpstreamTimeout: no connection or no response head in time.
+        """
+
+    def connect_tcp(
+        host: str, port: int, factory: IProtocolFactory, ports: frozenset[int]
+    ) -> Deferred[IProtocol]:
+        """
+        A plain TCP connection for a CONNECT tunnel, checked by the same
+        destination policy but against ``ports``.
+
+        @raise DestinationRefused: the resolved address or port is not allowed.
+        @raise UpstreamTimeout: no connection in time.
         """
 
 

@@ -209,6 +209,34 @@ def _parse_token(value: object) -> str:
     raise ValueError("must be at least 16 printable characters without spaces")
 
 
+def _parse_intercept(value: object) -> tuple[str, ...]:
+    """A host glob, or the preset ``packages``."""
+    from .intercept import parse_pattern
+
+    if not isinstance(value, str):
+        raise ValueError(f"{_show(value)} is not a host pattern")
+    return parse_pattern(value)
+
+
+def _parse_readable(value: object) -> str:
+    """The absolute path of a readable file."""
+    path = _parse_path(value)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r}: {e.strerror}") from None
+    return path
+
+
+def _parse_count(value: object) -> int:
+    """A whole number of at least 1."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdecimal() or int(text) < 1:
+        raise ValueError(f"{_show(value)} is not a whole number of at least 1")
+    return int(text)
+
+
 def _parse_mirror(value: object) -> tuple[Mirror, ...]:
     """``PREFIX=URL[,URL...]``, a preset name, or a ``[[mirror]]`` table."""
     if isinstance(value, dict):
@@ -250,6 +278,13 @@ SETTINGS: Mapping[str, _Setting] = {
     "access-log": _Setting("access_log", _parse_access_log),
     "admin-token": _Setting("admin_token", _parse_token),
     "mirror": _Setting("mirrors", _parse_mirror, repeatable=True),
+    "connect-ports": _Setting("connect_ports", parse_ports),
+    "intercept": _Setting("intercept", _parse_intercept, repeatable=True),
+    "ca-cert": _Setting("ca_cert", _parse_readable),
+    "ca-key": _Setting("ca_key", _parse_readable),
+    "listen-tls": _Setting("listen_tls", parse_endpoint, repeatable=True),
+    "proxy-auth": _Setting("proxy_auth", _parse_readable),
+    "max-client-connections": _Setting("max_client_connections", _parse_count),
     "source": _Setting("sources", parse_base, repeatable=True),
 }
 """Every option that can come from the command line or the config file,
@@ -275,7 +310,7 @@ def _convert(name: str, value: object) -> tuple[str, object]:
         raise ValueError("at least one endpoint is needed")
     if setting.field == "names":
         items = list(dict.fromkeys(items))
-    if setting.field == "mirrors":
+    if setting.field in ("mirrors", "intercept"):
         items = [m for group in items for m in group]  # type: ignore[attr-defined]
     return setting.field, tuple(items)
 

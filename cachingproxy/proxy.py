@@ -6,7 +6,7 @@ import ipaddress
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer
@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from . import __version__, documents, pages, policy
 from . import headers as H
 from .config import FOREVER, ProxyConfig, Rule
+from .connect import handle_connect, intercepted_route
 from .download import (
     Download,
     Downloads,
@@ -43,6 +44,10 @@ from .rewrite import MAX_DOCUMENT, Digest, document_kind, merge, rewrite
 from .routing import BadRequest, Listener, classify
 from .routing import Kind as RouteKind
 from .stats import Stats, upstream_error_kind
+
+if TYPE_CHECKING:
+    from .ca import CertificateAuthority
+    from .intercept import InterceptPolicy
 from .upstream import DNSLookupFailed, headers_from_pairs, pairs_from_headers
 
 _log = Logger()
@@ -126,7 +131,11 @@ class Proxy:
         *,
         access_log: Callable[[dict[str, Any]], None] | None = None,
         stats: Stats | None = None,
+        intercept: InterceptPolicy | None = None,
+        ca: CertificateAuthority | None = None,
     ) -> None:
+        self.intercept = intercept
+        self.ca = ca
         self.config = config
         self.store = store
         self.upstream = upstream
@@ -178,19 +187,23 @@ class Proxy:
         host_values = request.requestHeaders.getRawHeaders(b"host")
         if host_values is not None and len(host_values) > 1:
             return self._error(request, 400, "several Host headers", info)
+        intercept = getattr(request.channel, "intercept", None)
         try:
-            route = classify(
-                method,
-                target,
-                host_values[0].decode("latin-1") if host_values else None,
-                listener,
-                original_destination(request.channel.transport),
-            )
+            if intercept is not None:
+                route = intercepted_route(target, intercept)
+            else:
+                route = classify(
+                    method,
+                    target,
+                    host_values[0].decode("latin-1") if host_values else None,
+                    listener,
+                    original_destination(request.channel.transport),
+                )
         except BadRequest as e:
             _log.info("bad request from {client}: {e}", client=host, e=e)
             return self._error(request, 400, str(e), info)
         if route.kind is RouteKind.CONNECT:
-            return self._error(request, 501, "CONNECT is not supported yet", info)
+            return await handle_connect(self, request, route.url, info)
         if route.kind is RouteKind.SELF:
             match = self.mirrors.match(route.path) if self.mirrors else None
             if match is not None:
@@ -831,9 +844,36 @@ class Proxy:
         if not request._disconnected and not request.finished:
             send_error(request, status, message, cache=cache, via=self.via)
 
+    def intercepts(self, host: str) -> bool:
+        """Whether CONNECTs to ``host`` are intercepted (--intercept)."""
+        return self.intercept is not None and self.intercept.matches(host)
+
+    def log_tunnel(
+        self, request: Request, started: float, authority: str, up: int, down: int
+    ) -> None:
+        """The access log line of a CONNECT tunnel, written when it closes."""
+        if self._access_log is None:
+            return
+        client = request.getClientAddress()
+        self._access_log(
+            {
+                "time": started,
+                "client": getattr(client, "host", "-"),
+                "method": "CONNECT",
+                "url": authority,
+                "status": 200,
+                "bytes": up + down,
+                "duration_ms": int((self.clock.seconds() - started) * 1000),
+                "cache": "TUNNEL",
+                "upstream": authority,
+            }
+        )
+
     def _log_request(
         self, _: object, request: Request, started: float, info: dict[str, Any]
     ) -> None:
+        if info.get("tunnel"):
+            return  # logged when the tunnel closes
         if not info.get("own_page"):
             self.stats.record_request(
                 cache=info["cache"],

@@ -36,11 +36,27 @@ class _Channel(HTTPChannel):
     """An HTTP/1.1 channel that tells its site when it is gone."""
 
     site: _QuietSite
+    taken_over: Any = None
+    """The protocol that gets this connection's bytes after a CONNECT."""
+    intercept: tuple[str, int] | None = None
+    """For a channel inside an intercepted tunnel: the CONNECT authority."""
 
     def connectionMade(self) -> None:  # noqa: N802
         super().connectionMade()
         self.lost: defer.Deferred[None] = defer.Deferred()
         self.site.channels.add(self)
+
+    def take_over(self, protocol: Any) -> None:
+        """Hand the connection to ``protocol`` (after a CONNECT's 200): no
+        more HTTP parsing, no HTTP idle timeout."""
+        self.taken_over = protocol
+        self.setTimeout(None)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.taken_over is not None:
+            self.taken_over.dataReceived(data)
+            return
+        super().dataReceived(data)
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
         # LineReceiver's default drops the connection without a word; a request
@@ -50,6 +66,8 @@ class _Channel(HTTPChannel):
     def connectionLost(self, reason: Failure = _DONE) -> None:  # noqa: N802
         self.site.channels.discard(self)
         try:
+            if self.taken_over is not None:
+                self.taken_over.connectionLost(reason)
             super().connectionLost(reason)
         finally:
             self.lost.callback(None)

@@ -110,6 +110,27 @@ class Options(usage.Options):
             " non-loopback clients. [default: none]",
         ],
         [
+            "connect-ports",
+            None,
+            None,
+            "Ports CONNECT may tunnel to (comma list). [default: 443]",
+        ],
+        ["ca-cert", None, None, "PEM certificate of the interception CA."],
+        ["ca-key", None, None, "PEM key of the interception CA."],
+        [
+            "proxy-auth",
+            None,
+            None,
+            "htpasswd file (bcrypt or SHA); clients must send"
+            " Proxy-Authorization: Basic.",
+        ],
+        [
+            "max-client-connections",
+            None,
+            None,
+            "Open connections one client address may hold. [default: 256]",
+        ],
+        [
             "config",
             None,
             None,
@@ -151,6 +172,15 @@ class Options(usage.Options):
         """Mount upstreams under a local path: PREFIX=URL[,URL...], or a preset
         (pypi, npm); tried in order on error, timeout, 5xx or 404."""
         self["mirror"].append(mirror)
+
+    def opt_intercept(self, pattern: str) -> None:
+        """Host glob whose HTTPS (CONNECT) is intercepted and cached with a
+        local CA; the preset "packages" names the public package hosts."""
+        self["intercept"].append(pattern)
+
+    def opt_listen_tls(self, endpoint: str) -> None:
+        """Endpoint for transparent port-443 interception (by SNI)."""
+        self["listen-tls"].append(endpoint)
 
     def opt_source(self, url: str) -> None:
         """Upstream for the whole proxy, package-cache style (= --mirror /=URL)."""

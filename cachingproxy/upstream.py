@@ -302,6 +302,7 @@ class Upstream:
         self._pools: list[HTTPConnectionPool] = []
         resolve = resolve or getaddrinfo_resolver(reactor)
         tls = tls_policy(upstream_ca)
+        self._policy, self._resolve, self._tls = policy, resolve, tls
         self._agents = {
             mirrored: self._make_agent(
                 _CheckedEndpointFactory(
@@ -318,6 +319,28 @@ class Upstream:
         pool.cachedConnectionTimeout = 60
         self._pools.append(pool)
         return Agent.usingEndpointFactory(self._reactor, factory, pool=pool)
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        factory: IProtocolFactory,
+        ports: frozenset[int],
+    ) -> defer.Deferred[IProtocol]:
+        """A plain TCP connection to ``host:port`` for a CONNECT tunnel,
+        checked like any upstream but against ``ports`` (--connect-ports)."""
+        policy = attrs.evolve(self._policy, upstream_ports=ports)
+        endpoints = _CheckedEndpointFactory(
+            self._reactor,
+            policy,
+            self._resolve,
+            self._tls,
+            self._connect_timeout,
+            mirrored=False,
+        )
+        netloc = f"[{host}]" if ":" in host else host
+        uri = URI.fromBytes(f"http://{netloc}:{port}/".encode("ascii"))
+        return endpoints.endpointForURI(uri).connect(factory)
 
     def request(
         self,

@@ -453,11 +453,12 @@ class RequestCheckTests(TestCase):
         self.assertEqual((fine.code, body), (200, b"wheel"))
         self.assertIn("localhost", header(fine, "via") or "")
 
-    def test_connect_not_supported(self) -> defer.Deferred[None]:
-        """CONNECT is answered 501 and nothing is tunnelled."""
-        return run(self._connect_not_supported())
+    def test_connect_refused(self) -> defer.Deferred[None]:
+        """CONNECT to a port outside --connect-ports is refused (403) and
+        nothing is tunnelled."""
+        return run(self._connect_refused())
 
-    async def _connect_not_supported(self) -> None:
+    async def _connect_refused(self) -> None:
         raw = await raw_exchange(
             self,
             self.pport,
@@ -465,7 +466,7 @@ class RequestCheckTests(TestCase):
             f"Host: 127.0.0.1:{self.oport}\r\n\r\n".encode(),
         )
         status, _, _ = parse_raw_response(raw)
-        self.assertEqual(status, 501)
+        self.assertEqual(status, 403)
         self.assertEqual(self.origin.count(), 0)
 
 
