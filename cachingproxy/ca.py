@@ -9,6 +9,7 @@ SNI for transparent port-443 interception.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -16,12 +17,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
@@ -42,6 +45,13 @@ _LEAF_LIFETIME = datetime.timedelta(days=7)
 _RENEW_BEFORE = 86400.0
 _ALPN = b"http/1.1"
 _ALL_IPS = (ip_network("0.0.0.0/0"), ip_network("::/0"))
+_ISSUER_KEYS = (
+    ec.EllipticCurvePrivateKey,
+    rsa.RSAPrivateKey,
+    dsa.DSAPrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+)
 
 Network = IPv4Network | IPv6Network
 
@@ -54,8 +64,8 @@ def _read(path: str, what: str) -> bytes:
         raise ValueError(f"cannot read {what} {path!r}: {e.strerror}") from None
 
 
-def _public_der(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined, no-any-return]
+def _public_der(key: CertificatePublicKeyTypes) -> bytes:
+    return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
@@ -120,8 +130,10 @@ def _leaf_usage() -> x509.KeyUsage:
     )
 
 
-def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes:
-    return _ALPN if _ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+def _select_alpn(
+    connection: SSL.Connection, offered: list[bytes]
+) -> bytes | SSL._NoOverlappingProtocols:
+    return _ALPN if _ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def _base_context() -> SSL.Context:
@@ -204,9 +216,7 @@ class CertificateAuthority:
                 ski.value
             )
         except x509.ExtensionNotFound:
-            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                key.public_key()  # type: ignore[arg-type]
-            )
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
         self._aki = aki
         try:
             nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
@@ -237,8 +247,8 @@ class CertificateAuthority:
             ) from None
         except ValueError:
             raise ValueError(f"{key_path!r} holds no PEM private key") from None
-        except x509.UnsupportedGeneralNameType as e:  # pragma: no cover
-            raise ValueError(f"{key_path!r}: {e}") from None
+        if not isinstance(key, _ISSUER_KEYS):
+            raise ValueError(f"{key_path!r}: a {type(key).__name__} cannot sign")
         try:
             bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
@@ -253,14 +263,6 @@ class CertificateAuthority:
             usage = None
         if usage is not None and not usage.key_cert_sign:
             raise ValueError(f"{cert_path!r} may not sign certificates (keyUsage)")
-        if not isinstance(
-            key,
-            ec.EllipticCurvePrivateKey
-            | ed25519.Ed25519PrivateKey
-            | ed448.Ed448PrivateKey
-            | _rsa_key_type(),
-        ):
-            raise ValueError(f"{key_path!r}: unsupported key type for a CA")
         if _public_der(key.public_key()) != _public_der(cert.public_key()):
             raise ValueError(f"CA key {key_path!r} does not match {cert_path!r}")
         if cert.not_valid_after_utc <= _utc(clock()):
@@ -398,19 +400,13 @@ class CertificateAuthority:
         return _SNIContextFactory(self, default_host)
 
 
-def _rsa_key_type() -> type:
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    return rsa.RSAPrivateKey
-
-
 def _in_dns(name: str, subtree: str) -> bool:
     subtree = subtree.lower().lstrip(".")
     return not subtree or name == subtree or name.endswith("." + subtree)
 
 
 def _allowed(
-    nc: x509.NameConstraints, kind: type, inside: Callable[[object], bool]
+    nc: x509.NameConstraints, kind: type, inside: Callable[[Any], bool]
 ) -> bool:
     """RFC 5280 for one name: in no excluded subtree of its ``kind``, and in
     a permitted one if any of that kind is given."""
@@ -461,15 +457,16 @@ def _create(
     )
     os.makedirs(os.path.dirname(cert_path), exist_ok=True)
     suffix = f".tmp-{os.getpid()}"
-    fd = os.open(key_path + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # in case an old temporary file was there
-        os.write(fd, key_pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    with open(cert_path + suffix, "wb") as f:
+    for path in (key_path + suffix, cert_path + suffix):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by a crash
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(key_path + suffix, flags, 0o600), "wb") as f:
+        f.write(key_pem)
+        os.fsync(f.fileno())
+    with open(cert_path + suffix, "xb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
+        os.fsync(f.fileno())
     os.replace(key_path + suffix, key_path)
     os.replace(cert_path + suffix, cert_path)
 

@@ -71,7 +71,7 @@ def normalize_host(text: str) -> str | None:
     host = text.strip().lower()
     if host.startswith("["):
         host, sep, port = host[1:].partition("]")
-        if not sep or port and not (port[0] == ":" and _PORT.fullmatch(port[1:])):
+        if not sep or (port and not (port[0] == ":" and _PORT.fullmatch(port[1:]))):
             return None
         return _ip(host)
     if host.count(":") > 1:
@@ -119,7 +119,7 @@ def parse_pattern(text: object) -> tuple[str, ...]:
         )
     labels = value.split(".")
     if "" in labels:
-        hint = " (did you mean '*.{}'?)".format(value[1:]) if value[:1] == "." else ""
+        hint = f" (did you mean '*.{value[1:]}'?)" if value[:1] == "." else ""
         raise ValueError(f"{text!r}: empty label in host pattern{hint}")
     for label in labels:
         if _GLOB.isdisjoint(label) and not re.fullmatch(_LABEL, label):

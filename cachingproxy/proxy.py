@@ -7,6 +7,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin
 
 import attrs
 from twisted.internet import defer
@@ -416,7 +417,9 @@ class Proxy:
                 request, entry.status, entry.headers, body, cache, info, age=age
             )
         if policy.not_modified(entry, client_headers):
-            set_head(request, 304, entry.headers, cache=cache, via=self.via, age=age)
+            self._set_head(
+                info, request, 304, entry.headers, cache=cache, via=self.via, age=age
+            )
             request.responseHeaders.removeHeader(b"content-length")
             request.finish()
             return
@@ -426,7 +429,8 @@ class Proxy:
             entry.size,
         )
         if planned is None:
-            set_head(
+            self._set_head(
+                info,
                 request,
                 416,
                 [("Content-Range", f"bytes */{entry.size}")],
@@ -438,7 +442,8 @@ class Proxy:
             request.finish()
             return
         status, start, end, extra = planned
-        set_head(
+        self._set_head(
+            info,
             request,
             status,
             [*entry.headers, *extra],
@@ -489,7 +494,8 @@ class Proxy:
             status, start, end, extra = _plan_range(
                 status, client_headers, download.total
             ) or (status, 0, download.total, [])
-        set_head(
+        self._set_head(
+            info,
             request,
             status,
             [*outcome.headers, *extra],
@@ -576,7 +582,8 @@ class Proxy:
             d.addErrback(self.crashed, request)
             return
         length = response.length if isinstance(response.length, int) else None
-        set_head(
+        self._set_head(
+            info,
             request,
             outcome.status,
             outcome.headers,
@@ -789,12 +796,39 @@ class Proxy:
             self._remember(digests)
         if request._disconnected or request.finished:
             return
-        set_head(
-            request, status, items, cache=cache, via=self.via, age=age, length=len(body)
+        self._set_head(
+            info,
+            request,
+            status,
+            items,
+            cache=cache,
+            via=self.via,
+            age=age,
+            length=len(body),
         )
         if request.method != b"HEAD":
             request.write(body)
         request.finish()
+
+    def _set_head(
+        self, info: dict[str, Any], request: Request, *args: Any, **kwargs: Any
+    ) -> None:
+        """``set_head``, with a mirrored upstream's ``Location`` made local."""
+        set_head(request, *args, **kwargs)
+        target: Target | None = self._target(info)
+        if target is None or target.match is None:
+            return
+        location = request.responseHeaders.getRawHeaders(b"location")
+        if not location:
+            return
+        label = request.responseHeaders.getRawHeaders(b"x-cache-upstream")
+        base = label[0].decode("latin-1") if label else target.candidates[0][1]
+        absolute = urljoin(base + target.match.rest, location[0].decode("latin-1"))
+        local = self.mirrors.local_path(absolute)
+        if local is not None:
+            request.responseHeaders.setRawHeaders(
+                b"location", [(target.local_root + local).encode("latin-1")]
+            )
 
     def _remember(self, digests: dict[str, Digest]) -> None:
         for url, digest in digests.items():

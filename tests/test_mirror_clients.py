@@ -1023,10 +1023,6 @@ class RewrittenDocumentTests(TestCase):
         to the proxy's own pages)."""
         return _run(self._redirect())
 
-    test_redirect_leads_into_the_mirror.todo = (  # type: ignore[attr-defined]
-        "Location of mirrored redirects is passed on unrewritten"
-    )
-
     async def _redirect(self) -> None:
         origin, oport = start_origin(self)
         base = f"http://127.0.0.1:{oport}/"
