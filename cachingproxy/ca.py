@@ -16,8 +16,8 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
-from typing import Any
+from ipaddress import ip_address, ip_network
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -53,7 +53,18 @@ _ISSUER_KEYS = (
     ed448.Ed448PrivateKey,
 )
 
-Network = IPv4Network | IPv6Network
+_USAGES = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+    "encipher_only",
+    "decipher_only",
+)
+_E = TypeVar("_E", bound=x509.ExtensionType)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -83,9 +94,8 @@ def _utc(seconds: float) -> datetime.datetime:
 
 def _subtrees(cert: x509.Certificate) -> tuple[str, ...] | None:
     """The permitted DNS subtrees of ``cert``'s name constraints, or None."""
-    try:
-        nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
-    except x509.ExtensionNotFound:
+    nc = _extension(cert, x509.NameConstraints)
+    if nc is None:
         return None
     names = (
         n.value for n in nc.permitted_subtrees or () if isinstance(n, x509.DNSName)
@@ -102,32 +112,17 @@ def _name_constraints(permitted: Sequence[str]) -> x509.NameConstraints:
     )
 
 
-def _ca_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
+def _key_usage(*allowed: str) -> x509.KeyUsage:
+    """A keyUsage extension allowing exactly ``allowed``."""
+    return x509.KeyUsage(**{name: name in allowed for name in _USAGES})
 
 
-def _leaf_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
+def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    """The value of ``cert``'s extension of class ``kind``, if it has one."""
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
 
 
 def _select_alpn(
@@ -210,19 +205,13 @@ class CertificateAuthority:
         self._cache_size = cache_size
         self._contexts: OrderedDict[str, tuple[SSL.Context, float]] = OrderedDict()
         self._leaf_key = ec.generate_private_key(ec.SECP256R1())
-        try:
-            ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-            aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                ski.value
-            )
-        except x509.ExtensionNotFound:
-            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
-        self._aki = aki
-        try:
-            nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
-        except x509.ExtensionNotFound:
-            nc = None
-        self._constraints = nc
+        ski = _extension(cert, x509.SubjectKeyIdentifier)
+        self._aki = (
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
+            if ski is None
+            else x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        )
+        self._constraints = _extension(cert, x509.NameConstraints)
 
     @classmethod
     def load(
@@ -232,15 +221,15 @@ class CertificateAuthority:
         any intermediates to send after it) and ``key_path`` (unencrypted).
         ValueError, saying why, when they cannot be used to issue
         certificates."""
+        cert_pem = _read(cert_path, "CA certificate")
+        key_pem = _read(key_path, "CA key")
         try:
-            certs = x509.load_pem_x509_certificates(_read(cert_path, "CA certificate"))
+            certs = x509.load_pem_x509_certificates(cert_pem)
         except ValueError:
             raise ValueError(f"{cert_path!r} holds no PEM certificate") from None
         cert = certs[0]
         try:
-            key = serialization.load_pem_private_key(
-                _read(key_path, "CA key"), password=None
-            )
+            key = serialization.load_pem_private_key(key_pem, password=None)
         except TypeError:
             raise ValueError(
                 f"CA key {key_path!r} is encrypted; give it unencrypted"
@@ -249,18 +238,12 @@ class CertificateAuthority:
             raise ValueError(f"{key_path!r} holds no PEM private key") from None
         if not isinstance(key, _ISSUER_KEYS):
             raise ValueError(f"{key_path!r}: a {type(key).__name__} cannot sign")
-        try:
-            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            bc = None
+        bc = _extension(cert, x509.BasicConstraints)
         if bc is None or not bc.ca:
             raise ValueError(
                 f"{cert_path!r} is not a CA certificate (needs basicConstraints CA:TRUE)"
             )
-        try:
-            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-        except x509.ExtensionNotFound:
-            usage = None
+        usage = _extension(cert, x509.KeyUsage)
         if usage is not None and not usage.key_cert_sign:
             raise ValueError(f"{cert_path!r} may not sign certificates (keyUsage)")
         if _public_der(key.public_key()) != _public_der(cert.public_key()):
@@ -301,13 +284,18 @@ class CertificateAuthority:
         have = _subtrees(ca.cert)
         if have != wanted:
             _log.warn(
-                "CA {path} is name-constrained to {have} but --intercept now"
-                " needs {wanted}; keeping it, as clients trust it. Remove"
-                " {path} and {key} to generate a new one.",
+                "CA {path} is {have}, but --intercept now calls for {wanted};"
+                " keeping it, as clients trust it (hosts outside its"
+                " constraints cannot be intercepted). Remove {path} and {key}"
+                " to generate a new one.",
                 path=cert_path,
                 key=key_path,
-                have=", ".join(have) if have else "no names (unconstrained)",
-                wanted=", ".join(wanted) if wanted else "no constraints",
+                have=f"name-constrained to {', '.join(have)}"
+                if have
+                else "not name-constrained",
+                wanted=f"constraints to {', '.join(wanted)}"
+                if wanted
+                else "no name constraints",
             )
         return ca
 
@@ -356,7 +344,7 @@ class CertificateAuthority:
             .not_valid_after(min(now + _LEAF_LIFETIME, self.cert.not_valid_after_utc))
             .add_extension(x509.SubjectAlternativeName([san]), critical=not subject)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-            .add_extension(_leaf_usage(), critical=True)
+            .add_extension(_key_usage("digital_signature"), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False
             )
@@ -442,7 +430,7 @@ def _create(
         .not_valid_before(start - _DAY)
         .not_valid_after(start + _CA_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_ca_usage(), critical=True)
+        .add_extension(_key_usage("key_cert_sign", "crl_sign"), critical=True)
         .add_extension(
             x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
         )

@@ -167,6 +167,31 @@ def _verify(index: Index, args: argparse.Namespace, out: TextIO) -> int:
     return 1 if bad else 0
 
 
+def _ca_cert(cache_dir: str, out: TextIO) -> int:
+    """Print the CA certificate the proxy generated into ``cache_dir``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from .ca import CA_CERT_FILE
+
+    path = os.path.join(cache_dir, CA_CERT_FILE)
+    try:
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificates(f.read())[0]
+    except FileNotFoundError:
+        return _fail(
+            f"no CA in {cache_dir} yet: the proxy generates {CA_CERT_FILE} there"
+            " when it first runs with --intercept and no --ca-cert"
+        )
+    except OSError as e:
+        return _fail(f"cannot read {path}: {e.strerror}")
+    except ValueError:
+        return _fail(f"{path} holds no PEM certificate")
+    out.write(cert.public_bytes(Encoding.PEM).decode("ascii"))
+    out.flush()
+    return 0
+
+
 def _days(text: str) -> float:
     try:
         value = float(text)
@@ -205,6 +230,11 @@ def _parser() -> argparse.ArgumentParser:
     command("verify", _verify, "re-hash every body; report and drop bad ones")
     cull = command("cull", _cull, "drop entries not used for some days")
     cull.add_argument("--older-than", type=_days, required=True, metavar="DAYS")
+    # Needs no index: set_defaults(run=None) makes main() skip opening it.
+    summary = "print the PEM certificate of the interception CA for clients to trust"
+    commands.add_parser("ca-cert", help=summary, description=summary).set_defaults(
+        run=None
+    )
     return parser
 
 
@@ -216,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a usage error already printed
         return e.code if isinstance(e.code, int) else 2
     out = sys.stdout
+    if args.run is None:
+        return _ca_cert(args.cache_dir, out)
     try:
         index = Index.open(args.cache_dir, create=False)
     except (CacheDirError, OSError) as e:

@@ -69,8 +69,13 @@ async def handle_connect(
         return proxy._error(request, 400, str(e), info)
     info["url"] = authority
     info["upstream"] = authority
-    if proxy.intercepts(host):
-        return _intercept(proxy, request, host, port, info)
+    if proxy.intercepts(host) and proxy.ca is not None and proxy.ca.permits(host):
+        try:
+            context = proxy.ca.context_factory(host)
+        except ValueError as e:
+            _log.warn("cannot intercept {host}: {e}", host=host, e=e)
+        else:
+            return _intercept(proxy, request, host, port, context, info)
     if port not in proxy.config.connect_ports:
         _log.info("refused CONNECT to {a}: port not allowed", a=authority)
         return proxy._error(
@@ -107,17 +112,19 @@ async def handle_connect(
 
 
 def _intercept(
-    proxy: Proxy, request: Request, host: str, port: int, info: dict[str, Any]
+    proxy: Proxy,
+    request: Request,
+    host: str,
+    port: int,
+    context: Any,
+    info: dict[str, Any],
 ) -> None:
     """Terminate TLS with a certificate for ``host`` from the local CA; the
     requests inside are served like forward requests to ``https://host``."""
-    ca = proxy.ca
-    if ca is None:
-        return proxy._error(request, 502, "interception has no CA", info)
     channel: Any = request.channel  # service._Channel
     transport: Any = channel.transport
     transport.write(_ESTABLISHED)
-    transport.startTLS(ca.context_factory(host))
+    transport.startTLS(context)
     inner = channel.site.buildProtocol(transport.getPeer())
     inner.intercept = (host, port)
     transport.unregisterProducer()

@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from . import __version__, documents, pages, policy
 from . import headers as H
+from .auth import ProxyAuth, send_auth_required
 from .config import FOREVER, ProxyConfig, Rule
 from .connect import handle_connect, intercepted_route
 from .download import (
@@ -134,9 +135,14 @@ class Proxy:
         stats: Stats | None = None,
         intercept: InterceptPolicy | None = None,
         ca: CertificateAuthority | None = None,
+        auth: ProxyAuth | None = None,
     ) -> None:
         self.intercept = intercept
         self.ca = ca
+        self.auth = auth
+        """--proxy-auth: every request but those addressed to the proxy itself
+        (its pages and mirrors) and those inside an intercepted tunnel (whose
+        CONNECT was checked) needs Proxy-Authorization."""
         self.config = config
         self.store = store
         self.upstream = upstream
@@ -203,6 +209,14 @@ class Proxy:
         except BadRequest as e:
             _log.info("bad request from {client}: {e}", client=host, e=e)
             return self._error(request, 400, str(e), info)
+        if (
+            self.auth is not None
+            and route.kind is not RouteKind.SELF
+            and intercept is None
+        ):
+            header = request.getHeader(b"proxy-authorization")
+            if await self.auth.check(header, host or "-") is None:
+                return send_auth_required(request, self.via)
         if route.kind is RouteKind.CONNECT:
             return await handle_connect(self, request, route.url, info)
         if route.kind is RouteKind.SELF:

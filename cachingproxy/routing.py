@@ -84,7 +84,9 @@ def classify(
 ) -> Route:
     """Route one request.
 
-    @raise BadRequest: malformed target or Host, or no way to tell the origin.
+    @raise BadRequest: malformed target or Host, an absolute-form target
+        whose Host header names another host or port, or no way to tell the
+        origin.
     """
     if method == "CONNECT":
         return Route(Kind.CONNECT, url=target)
@@ -97,6 +99,12 @@ def classify(
         authority = url.split("/", 3)[2]
         default = 443 if url.startswith("https:") else 80
         host, port = split_host(authority, default)
+        if host_header is not None and split_host(host_header, default) != (
+            host,
+            port,
+        ):
+            # Two servers could each believe another target (SPEC 8).
+            raise BadRequest("the Host header names another host than the URL")
         if url.startswith("http:") and is_self(host, port, listener):
             return Route(Kind.SELF, path="/" + url.split("/", 3)[3])
         return Route(Kind.FORWARD, url=url)
