@@ -27,6 +27,7 @@ from .intercept import InterceptPolicy
 from .interfaces import ICacheStore
 from .limits import ConnectionLimiter, RateLimitedLog, client_key, held_back
 from .proxy import Proxy, ProxyResource
+from .sni import SNIFactory
 from .store import DiskStore
 from .upstream import DestinationPolicy, Resolver, Upstream
 
@@ -330,10 +331,14 @@ class ProxyService(Service):
         # the reactor runs.
         site = self.site = _QuietSite(None, self.config.max_client_connections)
         failures: list[str] = []
-        for description in self.config.listen:
-            d = serverFromString(self.reactor, description).listen(site)
+        sni = SNIFactory(lambda: self.proxy, site)
+        listeners: list[tuple[str, Any, str]]
+        listeners = [(d, site, "--listen") for d in self.config.listen]
+        listeners += [(d, sni, "--listen-tls") for d in self.config.listen_tls]
+        for description, factory, option in listeners:
+            d = serverFromString(self.reactor, description).listen(factory)
             d.addCallback(self._listening, description)
-            d.addErrback(self._listen_failed, description, failures)
+            d.addErrback(self._listen_failed, f"{option} {description}", failures)
         if failures:
             # TCP and UNIX endpoints fail synchronously; stop start-up here,
             # outside the Deferred, so twistd exits with the message.
@@ -417,7 +422,7 @@ class ProxyService(Service):
     def _listen_failed(
         self, failure: Failure, description: str, failures: list[str]
     ) -> None:
-        message = f"--listen {description}: {failure.getErrorMessage()}"
+        message = f"{description}: {failure.getErrorMessage()}"
         if not self.reactor.running:
             failures.append(message)
             return

@@ -6,17 +6,28 @@ and the proxy trusts it through --upstream-ca.  curl is the client.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.trial.unittest import SkipTest, TestCase
 
 from cachingproxy.ca import CA_CERT_FILE
 
-from .support import ProcessResult, run_process, start_proxy
+from .support import (
+    Origin,
+    ProcessResult,
+    TrackingSite,
+    fake_resolver,
+    free_port,
+    run_process,
+    start_proxy,
+    start_proxy_with,
+)
 from .test_tls import Authority, HTTPSOrigin
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
@@ -153,3 +164,109 @@ class ConnectTests(TestCase):
         )
         self.assertIn("HTTP/1.1 403", result.output)
         self.assertEqual(self.https.origin.count(), 0)
+
+
+class TransparentTLSTests(TestCase):
+    """--listen-tls: port-443 connections routed by their SNI name."""
+
+    def setUp(self) -> None:
+        if shutil.which("curl") is None:
+            raise SkipTest("curl is not installed (.ci/run installs it)")
+        from twisted.internet import reactor
+
+        self.public = Authority("test public CA")
+        self.public_pem = self.public.write(self.mktemp())
+        origin = Origin()
+        origin.static("/pkg-1.0-py3-none-any.whl", BODY)
+        self.origin = origin
+        site = TrackingSite(origin)
+        options = self.public.server_options(dns=("pkg.test", "other.test"), ips=())
+        try:
+            port = reactor.listenSSL(443, site, options, interface="127.0.0.5")  # type: ignore[attr-defined]
+        except CannotListenError as e:
+            raise SkipTest(f"cannot listen on 127.0.0.5:443 ({e})") from None
+
+        async def stop() -> None:
+            await port.stopListening()
+            await site.close_all()
+
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(stop()))
+
+    async def curl(self, tls_port: int, host: str, cacert: str) -> ProcessResult:
+        self.out = self.mktemp()
+        return await run_process(
+            [
+                "curl",
+                "-s",
+                "-S",
+                "-D",
+                "-",
+                "-o",
+                self.out,
+                "--noproxy",
+                "*",
+                "--connect-to",
+                f"{host}:443:127.0.0.1:{tls_port}",
+                "--cacert",
+                cacert,
+                f"https://{host}/pkg-1.0-py3-none-any.whl",
+            ],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            timeout=30,
+        )
+
+    def test_sni_intercepted_and_tunnelled(self) -> defer.Deferred[None]:
+        """An intercepted SNI name is cached (MISS, HIT, one origin request);
+        another name is tunnelled to the origin untouched (the client
+        verifies the origin's own certificate)."""
+        return run(self._sni())
+
+    async def _sni(self) -> None:
+        tls_port = free_port()
+        service, _ = start_proxy_with(
+            self,
+            resolve=fake_resolver(
+                {"pkg.test": ["127.0.0.5"], "other.test": ["127.0.0.5"]}
+            ),
+            allow_upstream=(LOOPBACK,),
+            upstream_ca=self.public_pem,
+            intercept=("pkg.test",),
+            listen_tls=(f"tcp:{tls_port}:interface=127.0.0.1",),
+        )
+        proxy_ca = os.path.join(service.config.cache_dir, CA_CERT_FILE)
+        seen = []
+        for _ in range(2):
+            result = await self.curl(tls_port, "pkg.test", proxy_ca)
+            self.assertEqual(result.code, 0, result.output)
+            with open(self.out, "rb") as f:
+                self.assertEqual(f.read(), BODY)
+            seen += [
+                line.split(":", 1)[1].strip()
+                for line in result.output.splitlines()
+                if line.lower().startswith("x-cache:")
+            ]
+        self.assertEqual(seen, ["MISS", "HIT"])
+        self.assertEqual(self.origin.count(), 1)
+        result = await self.curl(tls_port, "other.test", self.public_pem)
+        self.assertEqual(result.code, 0, result.output)
+        self.assertNotIn("x-cache", result.output.lower())
+        self.assertEqual(self.origin.count(), 2)
+
+
+class ServerNameTests(TestCase):
+    def test_parse_client_hello(self) -> None:
+        """The SNI name is read from a real ClientHello; a partial hello asks
+        for more bytes; plain HTTP is not TLS."""
+        from OpenSSL import SSL
+
+        from cachingproxy.sni import NotTLS, server_name
+
+        connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        connection.set_tlsext_host_name(b"Files.PythonHosted.org")
+        connection.set_connect_state()
+        with contextlib.suppress(SSL.WantReadError):
+            connection.do_handshake()
+        hello = connection.bio_read(65536)
+        self.assertEqual(server_name(hello), "files.pythonhosted.org")
+        self.assertIsNone(server_name(hello[:20]))
+        self.assertRaises(NotTLS, server_name, b"GET / HTTP/1.1\r\n\r\n")
