@@ -27,6 +27,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Request
 
@@ -188,7 +189,7 @@ class ProxyAuth:
         self._looked_at = clock.seconds()
         self._secret = os.urandom(32)
         self._verified: OrderedDict[bytes, None] = OrderedDict()
-        self._pending: dict[bytes, list[defer.Deferred[bool]]] = {}
+        self._pending: dict[bytes, list[defer.Deferred[bool | None]]] = {}
         self._pool: ThreadPool | None = None
         self._shutdown: Any = None
         self._logged = RateLimitedLog(clock)
@@ -243,24 +244,25 @@ class ProxyAuth:
 
     def _verify(
         self, key: bytes, password: bytes, entry: Entry
-    ) -> defer.Deferred[bool]:
-        """bcrypt in the pool; concurrent checks of the same credentials
-        share one run."""
-        waiter: defer.Deferred[bool] = defer.Deferred()
+    ) -> defer.Deferred[bool | None]:
+        """bcrypt in the pool (True or False); concurrent checks of the same
+        credentials share one run; None when too many are queued."""
+        waiter: defer.Deferred[bool | None] = defer.Deferred()
         waiting = self._pending.get(key)
         if waiting is not None:
             waiting.append(waiter)
             return waiter
         if len(self._pending) >= self.max_pending:
             self._warn("busy", "proxy auth: too many password checks at once")
-            return defer.succeed(False)
+            return defer.succeed(None)
         waiters = self._pending[key] = [waiter]
 
-        def done(result: bool | Any) -> None:
+        def done(result: bool | Failure) -> None:
             del self._pending[key]
-            good = result is True
+            if isinstance(result, Failure):
+                _log.failure("proxy auth: bcrypt failed", result)
             for d in waiters:
-                d.callback(good)
+                d.callback(result is True)
 
         deferToThreadPool(
             self._reactor, self._thread_pool(), _check_bcrypt, password, entry.hashed
@@ -268,8 +270,10 @@ class ProxyAuth:
         return waiter
 
     def _verified_bcrypt(
-        self, good: bool, key: bytes, user: str, client: str
+        self, good: bool | None, key: bytes, user: str, client: str
     ) -> str | None:
+        if good is None:
+            return None  # too busy to check, already logged
         if good and self._users.get(user) is not None:
             self._verified[key] = None
             self._verified.move_to_end(key)
@@ -298,7 +302,7 @@ class ProxyAuth:
     def _warn(self, key: str, message: str) -> None:
         suppressed = self._logged.allow(key)
         if suppressed is not None:
-            _log.warn("{message}{more}", message=message, more=held_back(suppressed))
+            _log.warn("{what}{more}", what=message, more=held_back(suppressed))
 
     def _thread_pool(self) -> ThreadPool:
         if self._pool is None:

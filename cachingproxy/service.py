@@ -81,6 +81,8 @@ class _Channel(HTTPChannel):
     """Lines of the request head so far (0: waiting for a request line)."""
     _head_size = 0
     _head_timer: IDelayedCall | None = None
+    _receiving = 0
+    """dataReceived calls in progress (requestDone re-enters it)."""
 
     def connectionMade(self) -> None:  # noqa: N802
         super().connectionMade()
@@ -115,15 +117,22 @@ class _Channel(HTTPChannel):
             return
         if self.line_mode and not self._handlingRequest and self._head_timer is None:
             self._start_head_timer()  # the first byte of the next request
-        super().dataReceived(data)
+        self._receiving += 1
+        try:
+            super().dataReceived(data)
+        finally:
+            self._receiving -= 1
         if (
-            self.line_mode
+            self._receiving == 0
+            and self.line_mode
             and not self._refused
             and self.taken_over is None
             and b"\n" in self._buffer
         ):
-            # Lines end with CRLF: an LF left over in an unfinished line is
-            # bare (and would leave the client waiting for the head's end).
+            # Lines end with CRLF: an LF left in an unfinished line is bare
+            # (and would leave the client waiting for the head's end).  Only
+            # the outermost call looks: a nested one (pipelined bytes given
+            # back by requestDone) just queues them for the running loop.
             self._reject(400, "bare LF in the request head")
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
@@ -183,6 +192,13 @@ class _Channel(HTTPChannel):
             return
         self._refused = True
         self._stop_head_timer()
+        # No idle timeout any more, but a client that does not read its
+        # answer is cut off as after one (HTTPChannel.timeoutConnection).
+        self.setTimeout(None)
+        if self.abortTimeout is not None and self._abortingCall is None:
+            self._abortingCall = self.callLater(
+                self.abortTimeout, self.forceAbortClient
+            )
         body = f"{status} {message}\n".encode()
         self.transport.write(  # type: ignore[union-attr]
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -223,7 +239,8 @@ class _Channel(HTTPChannel):
 
 
 class _Request(Request):
-    """A Request whose ``*`` target goes to the proxy like any other.
+    """A Request whose ``*`` target goes to the proxy like any other, and
+    whose 400 closes the connection.
 
     twisted.web answers ``OPTIONS *`` itself with 200 before any resource
     runs, which would bypass --allow-client; the proxy refuses or 400s it.
@@ -233,6 +250,14 @@ class _Request(Request):
         site = self.site
         assert site is not None
         self.render(site.getResourceFor(self))
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and self.code == 400 and self.channel is not None:
+            # The bytes behind a request the proxy could not make sense of
+            # (a Host contradicting the URL …) are not served either.
+            self.channel.persistent = False
+            self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        super().write(data)
 
 
 class _QuietSite(Site):

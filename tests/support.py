@@ -794,6 +794,8 @@ def client_env(home: str | None = None, **extra: str) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.upper().startswith(("PIP_", "NPM_CONFIG_", "UV_", "YARN_"))
         and "proxy" not in k.lower()
+        # requests (inside pip) lets these override --cert
+        and k.upper() not in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
     }
     env.update(
         PIP_CONFIG_FILE=os.devnull,

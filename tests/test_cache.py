@@ -812,7 +812,9 @@ class ClientGoneTests(TestCase):
         service, pport = start_proxy(self)
         url = f"http://127.0.0.1:{oport}/gone-1.0.tar.gz"
         leaving = await raw_connect(
-            self, pport, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            self,
+            pport,
+            f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{oport}\r\n\r\n".encode(),
         )
         await wait_for(lambda: b"\r\n\r\n" in leaving.received)
         leaving.transport.abortConnection()  # type: ignore[union-attr]

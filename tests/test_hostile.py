@@ -45,8 +45,9 @@ def run(coroutine: Any) -> defer.Deferred[None]:
 
 async def forward(test: TestCase, proxy_port: int, url: str) -> tuple[int, bytes]:
     """A raw absolute-form GET (treq cannot send IPv6 literals); status, body."""
+    authority = url.split("/", 3)[2]
     raw = await raw_exchange(
-        test, proxy_port, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        test, proxy_port, f"GET {url} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
     )
     status, _, body = parse_raw_response(raw)
     return status, body

@@ -1,0 +1,577 @@
+"""Hostile clients (SPEC 8): head size and header count limits, connections
+per client, slow heads and idle connections (without ever cutting a slow
+download or a tunnel), request smuggling shapes, and no connection to the
+proxy's own listeners.  Malformed requests in general are in test_hostile.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attrs
+from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from cachingproxy.limits import ConnectionLimiter, RateLimitedLog, client_key
+from cachingproxy.routing import BadRequest, Kind, Listener, Route, classify
+from cachingproxy.service import (
+    HEAD_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_HEADERS,
+    ProxyService,
+    _QuietSite,
+)
+
+from .support import (
+    GuardedReactor,
+    Origin,
+    RawClient,
+    pause,
+    raw_connect,
+    raw_exchange,
+    start_origin,
+    start_proxy,
+    start_proxy_with,
+    streaming,
+    wait_for,
+)
+from .test_auth import LogCapture
+
+
+def run(coroutine: Any) -> defer.Deferred[None]:
+    return defer.Deferred.fromCoroutine(coroutine)
+
+
+def status_of(raw: bytes) -> int:
+    """The status code of the first response in ``raw`` (0 when none)."""
+    parts = raw.split(b" ", 2)
+    return int(parts[1]) if raw.startswith(b"HTTP/1.1 ") and len(parts) > 2 else 0
+
+
+async def connect(
+    test: TestCase, port: int, data: bytes = b"", source: str = "127.0.0.1"
+) -> RawClient:
+    """A raw connection to 127.0.0.1:``port`` from address ``source`` (any
+    127/8 address is this host), sending ``data``."""
+    protocol = RawClient(data, stalled=False)
+    factory = ClientFactory.forProtocol(lambda: protocol)
+    factory.noisy = False
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
+    await endpoint.connect(factory)
+
+    def close() -> defer.Deferred[None] | None:
+        if protocol.closed:
+            return None
+        protocol.transport.abortConnection()  # type: ignore[union-attr]
+        return protocol.lost
+
+    test.addCleanup(close)
+    return protocol
+
+
+async def closed(protocol: RawClient, timeout: float = 5.0) -> float:
+    """Wait (bounded) until the server closed ``protocol``; seconds waited."""
+    started = time.monotonic()
+    await wait_for(lambda: protocol.closed, timeout=timeout)
+    return time.monotonic() - started
+
+
+class HeadLimitTests(TestCase):
+    """Limits on the request head, each with its own clear 4xx; the origin
+    sees none of them."""
+
+    def setUp(self) -> None:
+        self.origin, self.oport = start_origin(self)
+        self.origin.static("/pkg-1.0.whl", b"wheel")
+        _, self.pport = start_proxy(self)
+        self.url = f"http://127.0.0.1:{self.oport}/pkg-1.0.whl"
+        self.host = f"127.0.0.1:{self.oport}"
+
+    async def answer(self, head: str) -> tuple[int, bytes]:
+        raw = await raw_exchange(self, self.pport, head.encode("latin-1"))
+        return status_of(raw), raw
+
+    def test_limits(self) -> defer.Deferred[None]:
+        """A request line over 16 KiB is 414, a header line over 16 KiB or a
+        head over 16 KiB in all is 431, and so are more than 100 header
+        fields; each answer says why and closes the connection."""
+        return run(self._limits())
+
+    async def _limits(self) -> None:
+        wide = "".join(f"X-W{i}: {'w' * 1000}\r\n" for i in range(17))
+        many = "".join(f"X-N{i}: n\r\n" for i in range(MAX_HEADERS))
+        cases = [
+            (f"GET {self.url}?{'q' * 16400} HTTP/1.1\r\n\r\n", 414, b"request line"),
+            (
+                f"GET {self.url} HTTP/1.1\r\nHost: {self.host}\r\n"
+                f"X-Big: {'b' * 16400}\r\n\r\n",
+                431,
+                b"header line",
+            ),
+            (
+                f"GET {self.url} HTTP/1.1\r\nHost: {self.host}\r\n{wide}\r\n",
+                431,
+                b"larger than 16 KiB",
+            ),
+            (
+                f"GET {self.url} HTTP/1.1\r\nHost: {self.host}\r\n{many}\r\n",
+                431,
+                b"more than 100 header fields",
+            ),
+        ]
+        for head, status, why in cases:
+            got, raw = await self.answer(head)
+            self.assertEqual(got, status, raw[:200])
+            self.assertIn(why, raw)
+            self.assertIn(b"\r\nConnection: close\r\n", raw)
+        self.assertEqual(self.origin.count(), 0)
+
+    def test_limits_are_not_too_tight(self) -> defer.Deferred[None]:
+        """Exactly 100 header fields and a 15 KiB URL are forwarded."""
+        return run(self._limits_are_not_too_tight())
+
+    async def _limits_are_not_too_tight(self) -> None:
+        many = "".join(f"X-N{i}: n\r\n" for i in range(MAX_HEADERS - 1))
+        got, raw = await self.answer(
+            f"GET {self.url} HTTP/1.1\r\nHost: {self.host}\r\n{many}\r\n"
+        )
+        self.assertEqual(got, 200, raw[:200])
+        got, raw = await self.answer(
+            f"GET {self.url}?{'q' * 15000} HTTP/1.1\r\nHost: {self.host}\r\n\r\n"
+        )
+        self.assertNotIn(got, (414, 431), raw[:200])
+        self.assertEqual(self.origin.count(), 2)
+
+
+class SmugglingTests(TestCase):
+    """Request smuggling shapes are 400, the connection is closed, and
+    neither the request nor the one piggy-backed behind it reaches the
+    origin."""
+
+    def setUp(self) -> None:
+        self.origin: Origin
+        self.origin, self.oport = start_origin(self)
+        self.origin.static("/pkg-1.0.whl", b"wheel")
+        self.origin.route("/upload", lambda request: request.content.read())
+        _, self.pport = start_proxy(self)
+
+    def shapes(self) -> list[tuple[str, str]]:
+        url = f"http://127.0.0.1:{self.oport}/upload"
+        host = f"Host: 127.0.0.1:{self.oport}\r\n"
+        post = f"POST {url} HTTP/1.1\r\n{host}"
+        return [
+            # What Twisted 26.10 already rejects:
+            (
+                "two Content-Lengths",
+                f"{post}Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcd",
+            ),
+            (
+                "two equal Content-Lengths",
+                f"{post}Content-Length: 4\r\nContent-Length: 4\r\n\r\nabcd",
+            ),
+            ("Content-Length: 4, 4", f"{post}Content-Length: 4, 4\r\n\r\nabcd"),
+            (
+                "Content-Length and chunked",
+                f"{post}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "chunked and Content-Length",
+                f"{post}Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "chunked twice",
+                f"{post}Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "gzip, chunked",
+                f"{post}Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            ),
+            ("space before the colon", f"{post}Content-Length : 4\r\n\r\nabcd"),
+            ("LF inside a header line", f"{post}Content-Length: 4\nX: y\r\n\r\nabcd"),
+            (
+                "bad chunk size",
+                f"{post}Transfer-Encoding: chunked\r\n\r\nzz\r\nabcd\r\n0\r\n\r\n",
+            ),
+            # What cachingproxy adds:
+            (
+                "identity with Content-Length",
+                f"{post}Transfer-Encoding: identity\r\nContent-Length: 4\r\n\r\nabcd",
+            ),
+            ("identity alone", f"{post}Transfer-Encoding: identity\r\n\r\n"),
+            ("obs-fold", f"{post}X-A: one\r\n two\r\nContent-Length: 4\r\n\r\nabcd"),
+            (
+                "obs-fold of Transfer-Encoding",
+                f"{post}Transfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n",
+            ),
+            (
+                "bare LF line ends",
+                f"POST {url} HTTP/1.1\n{host.strip()}\nContent-Length: 4\n\nabcd",
+            ),
+            ("bare LF ending the head", f"{post}Content-Length: 4\r\n\nabcd"),
+            (
+                "absolute-form with another Host",
+                f"POST {url} HTTP/1.1\r\nHost: other.test\r\nContent-Length: 4\r\n\r\nabcd",
+            ),
+            (
+                "absolute-form with another port",
+                f"POST {url} HTTP/1.1\r\nHost: 127.0.0.1:1\r\nContent-Length: 4\r\n\r\nabcd",
+            ),
+        ]
+
+    def test_smuggling_shapes(self) -> defer.Deferred[None]:
+        """Every shape is answered 400 and closed; the origin sees nothing,
+        not even the GET sent right behind it on the same connection."""
+        return run(self._smuggling_shapes())
+
+    async def _smuggling_shapes(self) -> None:
+        behind = (
+            f"GET http://127.0.0.1:{self.oport}/pkg-1.0.whl HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{self.oport}\r\n\r\n"
+        )
+        for name, request in self.shapes():
+            client = await raw_connect(
+                self, self.pport, (request + behind).encode("latin-1")
+            )
+            await closed(client)
+            raw = bytes(client.received)
+            self.assertEqual(status_of(raw), 400, f"{name}: {raw[:200]!r}")
+            self.assertEqual(raw.count(b"HTTP/1.1 "), 1, name)
+            self.assertEqual(self.origin.count(), 0, name)
+
+    def test_control_is_forwarded(self) -> defer.Deferred[None]:
+        """Without a smuggling shape the same POST and the GET behind it are
+        both served: the origin sees both (so the test above can see
+        forwarding)."""
+        return run(self._control_is_forwarded())
+
+    async def _control_is_forwarded(self) -> None:
+        url = f"http://127.0.0.1:{self.oport}"
+        host = f"Host: 127.0.0.1:{self.oport}\r\n"
+        data = (
+            f"POST {url}/upload HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\n"
+            f"4\r\nabcd\r\n0\r\n\r\n"
+            f"GET {url}/pkg-1.0.whl HTTP/1.1\r\n{host}Connection: close\r\n\r\n"
+        )
+        client = await raw_connect(self, self.pport, data.encode())
+        await closed(client)
+        self.assertEqual(bytes(client.received).count(b"HTTP/1.1 200"), 2)
+        self.assertEqual(
+            [(r.method, r.path) for r in self.origin.requests],
+            [("POST", "/upload"), ("GET", "/pkg-1.0.whl")],
+        )
+
+    def test_host_must_match_absolute_form(self) -> None:
+        """``routing.classify``: an absolute-form target's Host header may
+        differ only in case and an explicit default port; another host or
+        port is BadRequest; no Host at all (HTTP/1.0) is fine."""
+        listener = Listener("127.0.0.1", 3128, frozenset({"localhost"}))
+        same = [
+            ("http://example.com/x", "EXAMPLE.com"),
+            ("http://example.com/x", "example.com:80"),
+            ("http://example.com:80/x", "example.com"),
+            ("https://example.com/x", "example.com:443"),
+            ("https://example.com/x", "example.com"),
+            ("http://[::1]:8080/x", "[::1]:8080"),
+            ("http://example.com./x", "example.com"),
+            ("http://example.com/x", None),
+        ]
+        for target, host in same:
+            route = classify("GET", target, host, listener)
+            self.assertEqual(route.kind, Kind.FORWARD, (target, host))
+        self.assertEqual(
+            classify("GET", "http://localhost:3128/", "localhost:3128", listener),
+            Route(Kind.SELF, path="/"),
+        )
+        for target, host in [
+            ("http://example.com/x", "other.example"),
+            ("http://example.com/x", "example.com:8080"),
+            ("https://example.com/x", "example.com:80"),
+            ("http://example.com/x", "example.com.evil"),
+            ("http://[::1]/x", "[::2]"),
+            ("http://example.com/x", ""),
+            ("http://example.com/x", "example.com, other.example"),
+        ]:
+            self.assertRaises(BadRequest, classify, "GET", target, host, listener)
+
+
+class ConnectionLimitTests(TestCase):
+    """--max-client-connections 3."""
+
+    def setUp(self) -> None:
+        self.origin, self.oport = start_origin(self)
+        self.origin.static("/pkg-1.0.whl", b"wheel")
+        self.service, self.pport = start_proxy(self, max_client_connections=3)
+        self.get = (
+            f"GET http://127.0.0.1:{self.oport}/pkg-1.0.whl HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{self.oport}\r\nConnection: close\r\n\r\n"
+        ).encode()
+
+    def test_fourth_connection_refused(self) -> defer.Deferred[None]:
+        """With three idle connections open from 127.0.0.1 a fourth is
+        answered 429 and closed at once, with a log line naming the client;
+        127.0.0.2 is still served; once one of the three closes, 127.0.0.1
+        is served again."""
+        return run(self._fourth_connection_refused())
+
+    async def _fourth_connection_refused(self) -> None:
+        logs = LogCapture(self)
+        idle = [await connect(self, self.pport) for _ in range(3)]
+        await wait_for(lambda: len(self.service.site.channels) == 3)  # type: ignore[union-attr]
+        fourth = await connect(self, self.pport)
+        self.assertLess(await closed(fourth), 1.0)
+        self.assertEqual(status_of(bytes(fourth.received)), 429)
+        [line] = logs.lines("--max-client-connections")
+        self.assertIn("127.0.0.1", line)
+        other = await connect(self, self.pport, self.get, source="127.0.0.2")
+        await closed(other)
+        self.assertTrue(bytes(other.received).startswith(b"HTTP/1.1 200"))
+        self.assertTrue(bytes(other.received).endswith(b"wheel"))
+        self.assertFalse(any(c.closed for c in idle))
+        assert idle[0].transport is not None
+        idle[0].transport.loseConnection()
+        await idle[0].lost
+        await wait_for(lambda: len(self.service.site.channels) == 2)  # type: ignore[union-attr]
+        again = await connect(self, self.pport, self.get)
+        await closed(again)
+        self.assertTrue(bytes(again.received).startswith(b"HTTP/1.1 200"))
+
+    def test_refusal_with_a_request_waiting(self) -> defer.Deferred[None]:
+        """A client over the limit that sent its request at once still reads
+        the 429 (it is not lost to a reset)."""
+        return run(self._refusal_with_a_request_waiting())
+
+    async def _refusal_with_a_request_waiting(self) -> None:
+        for _ in range(3):
+            await connect(self, self.pport)
+        await wait_for(lambda: len(self.service.site.channels) == 3)  # type: ignore[union-attr]
+        for _ in range(5):
+            over = await connect(self, self.pport, self.get)
+            await closed(over)
+            self.assertEqual(status_of(bytes(over.received)), 429)
+        self.assertEqual(self.origin.count(), 0)
+
+
+class LimitsUnitTests(TestCase):
+    def test_limiter(self) -> None:
+        """Counts per client; over the limit is refused and not counted; a
+        release makes room again."""
+        limiter = ConnectionLimiter(2)
+        self.assertTrue(limiter.acquire("a"))
+        self.assertTrue(limiter.acquire("a"))
+        self.assertFalse(limiter.acquire("a"))
+        self.assertTrue(limiter.acquire("b"))
+        self.assertEqual(limiter.open("a"), 2)
+        limiter.release("a")
+        self.assertTrue(limiter.acquire("a"))
+        for _ in range(5):
+            limiter.release("b")
+        self.assertEqual(limiter.open("b"), 0)
+
+    def test_client_key(self) -> None:
+        """Connections are counted by IP; IPv4-mapped IPv6 is its IPv4; UNIX
+        sockets are not counted."""
+        from twisted.internet.address import IPv6Address, UNIXAddress
+
+        self.assertEqual(client_key(IPv4Address("TCP", "10.0.0.1", 5)), "10.0.0.1")
+        self.assertEqual(
+            client_key(IPv6Address("TCP", "::ffff:10.0.0.1", 5)), "10.0.0.1"
+        )
+        self.assertEqual(client_key(IPv6Address("TCP", "fe80::1%eth0", 5)), "fe80::1")
+        self.assertIsNone(client_key(UNIXAddress(b"/tmp/x")))
+
+    def test_rate_limited_log(self) -> None:
+        """Five messages per key per interval; the next one after the
+        interval says how many were held back; keys are independent."""
+        clock = Clock()
+        log = RateLimitedLog(clock, interval=10, burst=5)
+        self.assertEqual([log.allow("a") for _ in range(5)], [0] * 5)
+        self.assertEqual([log.allow("a") for _ in range(7)], [None] * 7)
+        self.assertEqual(log.allow("b"), 0)
+        clock.advance(10)
+        self.assertEqual(log.allow("a"), 7)
+        self.assertEqual(log.allow("a"), 0)
+
+
+class SlowClientUnitTests(TestCase):
+    """The head deadline on a Clock: a channel of the real site on a
+    StringTransport."""
+
+    def channel(self) -> tuple[Any, StringTransport, Clock]:
+        clock = Clock()
+        site = _QuietSite(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.7", 5))
+        channel: Any = site.buildProtocol(transport.getPeer())
+        channel.callLater = clock.callLater
+        channel.makeConnection(transport)
+        self.addCleanup(lambda: transport.disconnected or channel.connectionLost(None))
+        return channel, transport, clock
+
+    def test_trickled_head_times_out(self) -> None:
+        """A head trickled a byte every second is answered 408 when
+        HEAD_TIMEOUT (30 s) has passed since the connection began, although
+        every gap is far below the idle timeout."""
+        channel, transport, clock = self.channel()
+        head = (
+            b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\nX: " + b"x" * 40
+        )
+        for i in range(int(HEAD_TIMEOUT) - 1):
+            channel.dataReceived(head[i : i + 1])
+            clock.advance(1)
+        self.assertEqual(transport.value(), b"")
+        clock.advance(1.5)
+        self.assertTrue(
+            transport.value().startswith(b"HTTP/1.1 408 "), transport.value()
+        )
+        self.assertTrue(transport.disconnecting)
+        self.assertLess(HEAD_TIMEOUT, IDLE_TIMEOUT)
+
+    def test_silent_connection_times_out(self) -> None:
+        """A connection that never sends a byte gets 408 after HEAD_TIMEOUT."""
+        _, transport, clock = self.channel()
+        clock.advance(HEAD_TIMEOUT - 0.1)
+        self.assertEqual(transport.value(), b"")
+        clock.advance(0.2)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+
+
+class SlowClientTests(TestCase):
+    """Real connections with a 0.3 s head deadline and a 0.3 s idle timeout."""
+
+    def setUp(self) -> None:
+        self.origin, self.oport = start_origin(self)
+        self.origin.static("/pkg-1.0.whl", b"wheel")
+        self.service, self.pport = self.proxy()
+
+    def proxy(self, **overrides: Any) -> tuple[ProxyService, int]:
+        service, port = start_proxy(self, **overrides)
+        assert service.site is not None
+        service.site.head_timeout = 0.3
+        service.site.timeOut = 0.3  # copied to each channel as it is made
+        return service, port
+
+    def test_slowloris(self) -> defer.Deferred[None]:
+        """A client trickling its head a byte every 50 ms gets 408 and is
+        closed once 0.3 s have passed, not reset by each byte."""
+        return run(self._slowloris())
+
+    async def _slowloris(self) -> None:
+        client = await raw_connect(self, self.pport, b"G")
+        started = time.monotonic()
+        rest = (
+            f"ET http://127.0.0.1:{self.oport}/pkg-1.0.whl HTTP/1.1\r\n"
+            + "X: y\r\n" * 100
+        )
+        for byte in rest.encode():
+            if client.closed or time.monotonic() - started > 5:
+                break
+            assert client.transport is not None
+            client.transport.write(bytes([byte]))
+            await pause(0.05)
+        await closed(client)
+        self.assertTrue(bytes(client.received).startswith(b"HTTP/1.1 408 "))
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(self.origin.count(), 0)
+
+    def test_idle_keep_alive_closed(self) -> defer.Deferred[None]:
+        """After a response, an idle keep-alive connection is closed after
+        the idle timeout, with no second answer."""
+        return run(self._idle_keep_alive_closed())
+
+    async def _idle_keep_alive_closed(self) -> None:
+        client = await raw_connect(
+            self,
+            self.pport,
+            f"GET http://127.0.0.1:{self.oport}/pkg-1.0.whl HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{self.oport}\r\n\r\n".encode(),
+        )
+        await wait_for(lambda: bytes(client.received).endswith(b"wheel"))
+        self.assertLess(await closed(client), 3.0)
+        self.assertEqual(bytes(client.received).count(b"HTTP/1.1 "), 1)
+
+    def test_slow_reader_is_not_cut_off(self) -> defer.Deferred[None]:
+        """A client that stops reading in the middle of a large download for
+        well over both timeouts still gets every byte afterwards."""
+        return run(self._slow_reader_is_not_cut_off())
+
+    async def _slow_reader_is_not_cut_off(self) -> None:
+        body = bytes(range(256)) * (96 * 1024)  # 24 MiB, more than socket buffers
+        self.origin.route("/big.tar.gz", streaming(body))
+        client = await raw_connect(
+            self,
+            self.pport,
+            f"GET http://127.0.0.1:{self.oport}/big.tar.gz HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{self.oport}\r\nConnection: close\r\n\r\n".encode(),
+            stalled=True,
+        )
+        await pause(1.2)
+        site = self.service.site
+        assert site is not None
+        # The response is still being written when the client resumes.
+        self.assertTrue(any(c.requests for c in site.channels))
+        self.assertFalse(client.closed)
+        client.resume()
+        await wait_for(lambda: client.closed, timeout=20)
+        received = bytes(client.received)
+        self.assertTrue(received.startswith(b"HTTP/1.1 200"), received[:100])
+        self.assertEqual(received.partition(b"\r\n\r\n")[2], body)
+
+    def test_tunnel_is_not_timed_out(self) -> defer.Deferred[None]:
+        """A CONNECT tunnel idle for well over the HTTP timeouts still carries
+        bytes both ways (the tunnel has its own, longer idle timeout)."""
+        return run(self._tunnel_is_not_timed_out())
+
+    async def _tunnel_is_not_timed_out(self) -> None:
+        echo = reactor.listenTCP(0, Factory.forProtocol(_Echo), interface="127.0.0.1")
+        self.addCleanup(echo.stopListening)
+        eport = echo.getHost().port  # type: ignore[attr-defined]
+        _, pport = self.proxy(connect_ports=frozenset({eport}))
+        client = await raw_connect(
+            self,
+            pport,
+            f"CONNECT 127.0.0.1:{eport} HTTP/1.1\r\nHost: 127.0.0.1:{eport}\r\n\r\n".encode(),
+        )
+        await wait_for(lambda: b"\r\n\r\n" in client.received)
+        self.assertTrue(bytes(client.received).startswith(b"HTTP/1.1 200"))
+        await pause(1.0)
+        self.assertFalse(client.closed)
+        del client.received[:]
+        assert client.transport is not None
+        client.transport.write(b"ping")
+        await wait_for(lambda: bytes(client.received) == b"ping")
+
+
+class _Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        assert self.transport is not None
+        self.transport.write(data)
+
+
+class OwnListenerTests(TestCase):
+    def test_connect_to_itself_refused(self) -> defer.Deferred[None]:
+        """CONNECT to the proxy's own listening address and port is refused
+        (403) without a connection attempt, even with that port among
+        --connect-ports and loopback in --allow-upstream."""
+        return run(self._connect_to_itself_refused())
+
+    async def _connect_to_itself_refused(self) -> None:
+        guard = GuardedReactor()
+        service, pport = start_proxy_with(self, reactor_=guard)
+        # The port is known only now.
+        assert service.proxy is not None
+        service.proxy.config = attrs.evolve(
+            service.proxy.config, connect_ports=frozenset({pport})
+        )
+        raw = await raw_exchange(
+            self,
+            pport,
+            f"CONNECT 127.0.0.1:{pport} HTTP/1.1\r\nHost: 127.0.0.1:{pport}\r\n\r\n".encode(),
+        )
+        self.assertEqual(status_of(raw), 403, raw[:200])
+        self.assertIn(b"the proxy itself", raw)
+        self.assertEqual(guard.connects, [])
