@@ -81,7 +81,7 @@ async def handle_connect(
         return proxy._error(
             request, 403, f"CONNECT to port {port} is not allowed", info
         )
-    channel: Any = request.channel  # service._Channel
+    channel: Any = request.channel  # channel.Channel
     info["tunnel"] = True
     started = proxy.clock.seconds()
 
@@ -121,7 +121,7 @@ def _intercept(
 ) -> None:
     """Terminate TLS with a certificate for ``host`` from the local CA; the
     requests inside are served like forward requests to ``https://host``."""
-    channel: Any = request.channel  # service._Channel
+    channel: Any = request.channel  # channel.Channel
     transport: Any = channel.transport
     transport.write(_ESTABLISHED)
     transport.startTLS(context)

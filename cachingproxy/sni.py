@@ -109,7 +109,7 @@ class _Peek(Protocol):
         if name and proxy.intercepts(name) and ca is not None and ca.permits(name):
             tls = TLSMemoryBIOFactory(ca.context_factory(name), False, self._site)
             protocol = tls.buildProtocol(transport.getPeer())
-            channel: Any = protocol.wrappedProtocol  # service._Channel
+            channel: Any = protocol.wrappedProtocol  # channel.Channel
             channel.intercept = (name, port)
             self._next = protocol
             protocol.makeConnection(transport)

@@ -1,7 +1,7 @@
 """Hostile-input generators and the harness that feeds them to the real
 parser and router (``tests/test_fuzz.py``, ``bench/fuzz.py``).
 
-``feed`` runs bytes through a real ``service._Channel`` of a ``_QuietSite``
+``feed`` runs bytes through a real ``channel.Channel`` of a ``ProxySite``
 whose resource is the real ``Proxy``, on a ``StringTransport`` and a
 ``task.Clock``; the upstream is a recorder that refuses every request, so
 "forwarded" means "the proxy asked its upstream", whatever came of it.
@@ -25,13 +25,13 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from cachingproxy.channel import ProxySite as _QuietSite
 from cachingproxy.config import ProxyConfig
 from cachingproxy.errors import DestinationRefused
 from cachingproxy.interfaces import IUpstream
 from cachingproxy.policy import normalize_url
 from cachingproxy.proxy import Proxy, ProxyResource
 from cachingproxy.routing import BadRequest, Kind, Listener, classify
-from cachingproxy.service import _QuietSite
 from cachingproxy.store.memory import MemoryStore
 
 PROXY_PORT = 3128
