@@ -638,10 +638,10 @@ def run(sizes: Sizes, work: str, force_python: bool) -> list[Row]:
     return rows
 
 
-def print_table(rows: list[Row], title: str) -> None:
-    header = ("measure", "proxy", "direct", "ratio")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    line = "  ".join("-" * w for w in widths)
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Lines of a plain-text table: first column left-aligned, others right."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    rule = "  ".join("-" * w for w in widths)
 
     def show(cells: tuple[str, ...]) -> str:
         return "  ".join(
@@ -649,14 +649,17 @@ def print_table(rows: list[Row], title: str) -> None:
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
 
+    return [rule, show(header), rule, *(show(r) for r in rows), rule]
+
+
+def print_table(
+    rows: list[Row],
+    title: str,
+    header: tuple[str, ...] = ("measure", "proxy", "direct", "ratio"),
+) -> None:
     print()
     print(title)
-    print(line)
-    print(show(header))
-    print(line)
-    for row in rows:
-        print(show(row[:4]))
-    print(line)
+    print("\n".join(table(header, [row[:4] for row in rows])))
     for n, row in enumerate(rows, 1):
         print(f"[{n}] {row[0]}: {row[4]}")
 

@@ -266,23 +266,9 @@ def print_table(proxies: list[Proxy], title: str, notes: list[str]) -> None:
         )
         for p in proxies
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    rule = "  ".join("-" * w for w in widths)
-
-    def show(cells: tuple[str, ...]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
     print()
     print(title)
-    print(rule)
-    print(show(header))
-    print(rule)
-    for row in rows:
-        print(show(row))
-    print(rule)
+    print("\n".join(bench.table(header, rows)))
     print(
         "HIT requests/s of one 10 KiB file: the median and the best of the rounds,"
         " each against base's."

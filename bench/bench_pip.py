@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import free_port, wait_listening
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KiB = 1024
@@ -139,33 +141,6 @@ def serve_origin(root: str, port: int, rate: float, latency: float) -> None:
 
 
 # -- processes -----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(proc: subprocess.Popen[bytes], port: int, log: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"child exited ({proc.returncode}):\n{tail(log)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"port {port} not listening after 30 s:\n{tail(log)}")
-
-
-def tail(path: str, lines: int = 30) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -621,25 +621,7 @@ def run(sizes: Sizes, work: str) -> list[bench.Row]:
 
 def print_table(rows: list[bench.Row], title: str) -> None:
     header = ("measure", "HTTPS intercepted", "plain HTTP", "HTTPS/HTTP")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    line = "  ".join("-" * w for w in widths)
-
-    def show(cells: tuple[str, ...]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    print()
-    print(title)
-    print(line)
-    print(show(header))
-    print(line)
-    for row in rows:
-        print(show(row[:4]))
-    print(line)
-    for n, row in enumerate(rows, 1):
-        print(f"[{n}] {row[0]}: {row[4]}")
+    bench.print_table(rows, title, header)
 
 
 def main() -> None:
