@@ -85,5 +85,7 @@ class ProxyConfig:
     proxy_auth: str | None = None
     """htpasswd file required as Proxy-Authorization: Basic."""
     max_client_connections: int = 256
+    upstream_proxy: str | None = None
+    """Parent HTTP proxy (``http://host:port``) for every upstream request."""
     rules: tuple[Rule, ...] = field(default=())
     """Operator rules from the config file; they come before the default rules."""

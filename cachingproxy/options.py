@@ -218,6 +218,14 @@ def _parse_intercept(value: object) -> tuple[str, ...]:
     return parse_pattern(value)
 
 
+def _parse_parent(value: object) -> str:
+    """A parent proxy URL: ``http://host:port`` with no path."""
+    base = parse_base(value)
+    if not base.startswith("http://") or base.count("/") != 3:
+        raise ValueError(f"{_show(value)} is not http://HOST:PORT")
+    return base.rstrip("/")
+
+
 def _parse_readable(value: object) -> str:
     """The absolute path of a readable file."""
     path = _parse_path(value)
@@ -279,6 +287,7 @@ SETTINGS: Mapping[str, _Setting] = {
     "admin-token": _Setting("admin_token", _parse_token),
     "mirror": _Setting("mirrors", _parse_mirror, repeatable=True),
     "connect-ports": _Setting("connect_ports", parse_ports),
+    "upstream-proxy": _Setting("upstream_proxy", _parse_parent),
     "intercept": _Setting("intercept", _parse_intercept, repeatable=True),
     "ca-cert": _Setting("ca_cert", _parse_readable),
     "ca-key": _Setting("ca_key", _parse_readable),

@@ -114,6 +114,7 @@ class ProxyService(Service):
             read_timeout=config.read_timeout,
             upstream_ca=config.upstream_ca,
             resolve=self.resolve,
+            upstream_proxy=config.upstream_proxy,
         )
         if config.access_log is not None:
             self.access_log = AccessLog(config.access_log)

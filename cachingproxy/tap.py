@@ -115,6 +115,12 @@ class Options(usage.Options):
             None,
             "Ports CONNECT may tunnel to (comma list). [default: 443]",
         ],
+        [
+            "upstream-proxy",
+            None,
+            None,
+            "Send upstream requests through this parent HTTP proxy (http://HOST:PORT).",
+        ],
         ["ca-cert", None, None, "PEM certificate of the interception CA."],
         ["ca-key", None, None, "PEM key of the interception CA."],
         [

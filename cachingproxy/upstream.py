@@ -36,6 +36,7 @@ from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
+    ProxyAgent,
     _HTTP11ClientFactory,
 )
 from twisted.web.http_headers import Headers
@@ -45,6 +46,7 @@ from zope.interface import implementer
 from .config import Network
 from .errors import DestinationRefused, UpstreamTimeout
 from .interfaces import IUpstream
+from .parent import TunnelEndpoint, TunnelEndpointFactory, parent_endpoint
 
 Resolver = Callable[[str, int], "defer.Deferred[list[str]]"]
 """Resolves a host name to IP address strings."""
@@ -295,6 +297,7 @@ class Upstream:
         read_timeout: float = 60.0,
         upstream_ca: str | None = None,
         resolve: Resolver | None = None,
+        upstream_proxy: str | None = None,
     ) -> None:
         self._reactor = reactor
         self._read_timeout = read_timeout
@@ -303,6 +306,15 @@ class Upstream:
         resolve = resolve or getaddrinfo_resolver(reactor)
         tls = tls_policy(upstream_ca)
         self._policy, self._resolve, self._tls = policy, resolve, tls
+        self._parent: IStreamClientEndpoint | None = None
+        if upstream_proxy is not None:
+            self._parent = parent_endpoint(reactor, upstream_proxy, connect_timeout)
+            self._parent_http = ProxyAgent(self._parent, reactor, pool=self._new_pool())
+            self._parent_https = Agent.usingEndpointFactory(
+                reactor,
+                TunnelEndpointFactory(self._parent, tls),
+                pool=self._new_pool(),
+            )
         self._agents = {
             mirrored: self._make_agent(
                 _CheckedEndpointFactory(
@@ -312,13 +324,30 @@ class Upstream:
             for mirrored in (False, True)
         }
 
-    def _make_agent(self, factory: _CheckedEndpointFactory) -> Agent:
+    def _new_pool(self) -> HTTPConnectionPool:
         pool = HTTPConnectionPool(self._reactor, persistent=True)
         pool._factory = _QuietClientFactory
         pool.maxPersistentPerHost = 8
         pool.cachedConnectionTimeout = 60
         self._pools.append(pool)
-        return Agent.usingEndpointFactory(self._reactor, factory, pool=pool)
+        return pool
+
+    def _make_agent(self, factory: _CheckedEndpointFactory) -> Agent:
+        return Agent.usingEndpointFactory(self._reactor, factory, pool=self._new_pool())
+
+    def _parent_refusal(
+        self, host: str, port: int, mirrored: bool, ports: frozenset[int]
+    ) -> str | None:
+        """Through a parent proxy names are resolved by the parent: only IP
+        literals and ports can be checked here."""
+        try:
+            address = str(ipaddress.ip_address(host.strip("[]")))
+        except ValueError:
+            if not mirrored and port not in ports:
+                return f"port {port} is not an allowed upstream port"
+            return None
+        policy = attrs.evolve(self._policy, upstream_ports=ports)
+        return policy.refusal(address, port, mirrored)
 
     def connect_tcp(
         self,
@@ -329,6 +358,11 @@ class Upstream:
     ) -> defer.Deferred[IProtocol]:
         """A plain TCP connection to ``host:port`` for a CONNECT tunnel,
         checked like any upstream but against ``ports`` (--connect-ports)."""
+        if self._parent is not None:
+            refusal = self._parent_refusal(host, port, False, ports)
+            if refusal is not None:
+                return defer.fail(DestinationRefused(f"{host}:{port}: {refusal}"))
+            return TunnelEndpoint(self._parent, host, port, None).connect(factory)
         policy = attrs.evolve(self._policy, upstream_ports=ports)
         endpoints = _CheckedEndpointFactory(
             self._reactor,
@@ -351,7 +385,21 @@ class Upstream:
         *,
         mirrored: bool = False,
     ) -> defer.Deferred[IResponse]:
-        d = self._agents[mirrored].request(method, url, headers, body)
+        if self._parent is not None:
+            parsed = URI.fromBytes(url)
+            refusal = self._parent_refusal(
+                parsed.host.decode("ascii"),
+                parsed.port,
+                mirrored,
+                self._policy.upstream_ports,
+            )
+            if refusal is not None:
+                return defer.fail(DestinationRefused(refusal))
+            https = url.startswith(b"https:")
+            agent = self._parent_https if https else self._parent_http
+            d = agent.request(method, url, headers, body)
+        else:
+            d = self._agents[mirrored].request(method, url, headers, body)
         # Connecting has its own timeout; the head must follow within the
         # read timeout.
         return defer.Deferred.fromCoroutine(
