@@ -8,6 +8,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from .exchange import Exchange
 from .policy import BadURL, normalize_url
 from .routing import BadRequest, Kind, Route, split_host
 from .tunnel import Tunnel
@@ -60,15 +61,15 @@ def _finish_without_response(request: Request) -> None:
 
 
 async def handle_connect(
-    proxy: Proxy, request: Request, authority: str, info: dict[str, Any]
+    proxy: Proxy, request: Request, authority: str, info: Exchange
 ) -> None:
     """Serve ``CONNECT authority``: intercept, tunnel, or refuse."""
     try:
         host, port = parse_authority(authority)
     except BadRequest as e:
         return proxy._error(request, 400, str(e), info)
-    info["url"] = authority
-    info["upstream"] = authority
+    info.url = authority
+    info.upstream = authority
     if proxy.intercepts(host) and proxy.ca is not None and proxy.ca.permits(host):
         try:
             context = proxy.ca.context_factory(host)
@@ -82,7 +83,7 @@ async def handle_connect(
             request, 403, f"CONNECT to port {port} is not allowed", info
         )
     channel: Any = request.channel  # channel.Channel
-    info["tunnel"] = True
+    info.tunnel = True
     started = proxy.clock.seconds()
 
     def closed(up: int, down: int) -> None:
@@ -95,7 +96,7 @@ async def handle_connect(
             host, port, tunnel.factory(), proxy.config.connect_ports
         )
     except Exception:
-        info.pop("tunnel")
+        info.tunnel = False
         from .download import Kind as OutcomeKind
         from .download import Outcome
         from .proxy import _error_status
@@ -117,7 +118,7 @@ def _intercept(
     host: str,
     port: int,
     context: Any,
-    info: dict[str, Any],
+    info: Exchange,
 ) -> None:
     """Terminate TLS with a certificate for ``host`` from the local CA; the
     requests inside are served like forward requests to ``https://host``."""
@@ -130,8 +131,8 @@ def _intercept(
     transport.unregisterProducer()
     inner.makeConnection(transport)
     channel.take_over(inner)
-    info["cache"] = "-"
-    info["own_page"] = True  # the requests inside are counted, not the CONNECT
+    info.cache = "-"
+    info.own_page = True  # the requests inside are counted, not the CONNECT
     _finish_without_response(request)
 
 

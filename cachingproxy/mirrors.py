@@ -148,11 +148,45 @@ class MirrorTable:
         return None if match is None else match.key_url
 
 
+@frozen
+class Target:
+    """Where a mirrored request goes: its match and how the client sees us."""
+
+    match: MirrorMatch | None
+    local_root: str
+    doc_url: str = ""
+    """Base for resolving links of a merged document (else the upstream's URL)."""
+    single_url: str = ""
+
+    @property
+    def candidates(self) -> list[tuple[str, str]]:
+        """(upstream URL, label) in the order they are tried."""
+        if self.match is None:
+            return [(self.single_url, "")]
+        return list(
+            zip(self.match.upstream_urls(), self.match.mirror.upstreams, strict=True)
+        )
+
+    def document_url(self, label: str | None, key_url: str) -> str:
+        """The upstream URL a document came from: links resolve against it."""
+        if self.doc_url:
+            return self.doc_url
+        if label and self.match is not None:
+            return label + self.match.rest
+        return key_url
+
+    @classmethod
+    def single(cls, url: str) -> Target:
+        """One upstream URL fetched for a merged document."""
+        return cls(None, "", single_url=url)
+
+
 __all__ = [
     "PRESETS",
     "Mirror",
     "MirrorMatch",
     "MirrorTable",
+    "Target",
     "combine",
     "parse_base",
     "parse_mirror",

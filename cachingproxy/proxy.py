@@ -38,8 +38,9 @@ from .download import (
 )
 from .entry import Header, StoredResponse
 from .errors import BodyMissing, DestinationRefused, UpstreamTimeout
+from .exchange import Exchange
 from .interfaces import ICacheStore, IUpstream
-from .mirrors import MirrorMatch, MirrorTable
+from .mirrors import MirrorMatch, MirrorTable, Target
 from .origdst import original_destination
 from .responses import PassThrough, abort, send_error, set_head
 from .rewrite import MAX_DOCUMENT, Digest, document_kind, merge, rewrite
@@ -71,39 +72,6 @@ _CACHED_PATH_DROP = frozenset(
 
 
 _MAX_DIGESTS = 200_000
-
-
-@attrs.frozen
-class Target:
-    """Where a mirrored request goes: its match and how the client sees us."""
-
-    match: MirrorMatch | None
-    local_root: str
-    doc_url: str = ""
-    """Base for resolving links of a merged document (else the upstream's URL)."""
-    single_url: str = ""
-
-    @property
-    def candidates(self) -> list[tuple[str, str]]:
-        """(upstream URL, label) in the order they are tried."""
-        if self.match is None:
-            return [(self.single_url, "")]
-        return list(
-            zip(self.match.upstream_urls(), self.match.mirror.upstreams, strict=True)
-        )
-
-    def document_url(self, label: str | None, key_url: str) -> str:
-        """The upstream URL a document came from: links resolve against it."""
-        if self.doc_url:
-            return self.doc_url
-        if label and self.match is not None:
-            return label + self.match.rest
-        return key_url
-
-    @classmethod
-    def single(cls, url: str) -> Target:
-        """One upstream URL fetched for a merged document."""
-        return cls(None, "", single_url=url)
 
 
 class ProxyResource(Resource):
@@ -176,7 +144,7 @@ class Proxy:
 
     async def handle(self, request: Request) -> None:
         started = self.clock.seconds()
-        info: dict[str, Any] = {"cache": "-", "upstream": "-"}
+        info = Exchange(started)
         request.notifyFinish().addBoth(self._log_request, request, started, info)
         client = request.getClientAddress()
         host = getattr(client, "host", None)
@@ -223,10 +191,10 @@ class Proxy:
             match = self.mirrors.match(route.path) if self.mirrors else None
             if match is not None:
                 return await self._mirror(request, match, method, info)
-            info["own_page"] = True
+            info.own_page = True
             return await pages.render(request, route.path, self)
-        info["url"] = route.url
-        info["upstream"] = route.url.split("/", 3)[2]
+        info.url = route.url
+        info.upstream = route.url.split("/", 3)[2]
         client_headers = pairs_from_headers(request.requestHeaders)
         rule = policy.select_rule(self.rules, route.url)
         if policy.request_bypass(rule, method, client_headers) is not None:
@@ -269,7 +237,7 @@ class Proxy:
         url: str,
         rule: Rule,
         client_headers: list[Header],
-        info: dict[str, Any],
+        info: Exchange,
     ) -> None:
         head_only = request.method == b"HEAD"
         entry = policy.select_variant(await self.store.lookup(url), client_headers)
@@ -300,7 +268,7 @@ class Proxy:
         download = self.downloads.get(url)
         if download is None:
             download = self._new_download(
-                url, rule, client_headers, entry, shared=True, target=self._target(info)
+                url, rule, client_headers, entry, shared=True, target=info.mirror
             )
         outcome = await download.wait(client_headers)
         if outcome.kind is Kind.RETRY:
@@ -319,7 +287,7 @@ class Proxy:
                     client_headers,
                     entry,
                     shared=False,
-                    target=self._target(info),
+                    target=info.mirror,
                 )
                 if download.vary:
                     self.downloads.add_variant(sibling, variant)
@@ -377,7 +345,7 @@ class Proxy:
         rule: Rule,
         stale: StoredResponse | None,
         client_headers: list[Header],
-        info: dict[str, Any],
+        info: Exchange,
     ) -> None:
         if outcome.kind is Kind.STREAM:
             return await self._follow(request, download, outcome, client_headers, info)
@@ -416,9 +384,9 @@ class Proxy:
         entry: StoredResponse,
         cache: str,
         client_headers: list[Header],
-        info: dict[str, Any],
+        info: Exchange,
     ) -> None:
-        info["cache"] = cache
+        info.cache = cache
         self.store.touch(entry)
         age = policy.current_age(entry, self.clock.seconds())
         if self._is_document(info, entry.headers) and entry.size <= MAX_DOCUMENT:
@@ -487,10 +455,10 @@ class Proxy:
         download: Download,
         outcome: Outcome,
         client_headers: list[Header],
-        info: dict[str, Any],
+        info: Exchange,
     ) -> None:
         # A body that is complete but not yet committed is already ours.
-        cache = info["cache"] = "HIT" if download.body_complete else "MISS"
+        cache = info.cache = "HIT" if download.body_complete else "MISS"
         if self._is_document(info, outcome.headers):
             try:
                 body = await documents.read_download(
@@ -539,7 +507,7 @@ class Proxy:
         url: str,
         method: str,
         client_headers: list[Header],
-        info: dict[str, Any],
+        info: Exchange,
         cache: str = "BYPASS",
     ) -> None:
         if self.config.offline:
@@ -586,9 +554,9 @@ class Proxy:
         response: IResponse,
         outcome: Outcome,
         cache: str,
-        info: dict[str, Any],
+        info: Exchange,
     ) -> None:
-        info["cache"] = cache
+        info.cache = cache
         if self._is_document(info, outcome.headers) and request.method != b"HEAD":
             d = defer.Deferred.fromCoroutine(
                 self._pass_document(request, response, outcome, cache, info)
@@ -615,7 +583,7 @@ class Proxy:
             if not request._disconnected:
                 request.finish()
             return
-        flight = PassingThrough(info.get("url", ""), length, self.clock.seconds())
+        flight = PassingThrough(info.url, length, self.clock.seconds())
         self.downloads.passing.add(flight)
 
         def received(n: int) -> None:
@@ -635,7 +603,7 @@ class Proxy:
     # -- mirrors ----------------------------------------------------------------
 
     async def _mirror(
-        self, request: Request, match: MirrorMatch, method: str, info: dict[str, Any]
+        self, request: Request, match: MirrorMatch, method: str, info: Exchange
     ) -> None:
         """A request under a ``--mirror`` prefix (SPEC 6)."""
         try:
@@ -643,16 +611,16 @@ class Proxy:
         except policy.BadURL as e:
             return self._error(request, 400, str(e), info)
         target = Target(match, self._local_root(request))
-        info["url"] = url
-        info["upstream"] = match.mirror.upstreams[0].split("/", 3)[2]
-        info["target"] = target
+        info.url = url
+        info.upstream = match.mirror.upstreams[0].split("/", 3)[2]
+        info.target = target
         client_headers = pairs_from_headers(request.requestHeaders)
         rule = policy.select_rule(self.rules, url)
         if rule.name == "origin":
             rule = self._mirror_rule  # everything under a mirror is metadata
         if rule.ttl == FOREVER:
             # A package file is never rewritten, whatever its Content-Type.
-            info["target"], info["file_target"] = None, target
+            info.target, info.file_target = None, target
         if policy.request_bypass(rule, method, client_headers) is not None:
             return await self._bypass(
                 request, target.candidates[0][0], method, client_headers, info
@@ -673,7 +641,7 @@ class Proxy:
         target: Target,
         rule: Rule,
         client_headers: list[Header],
-        info: dict[str, Any],
+        info: Exchange,
     ) -> None:
         """The union of every upstream's page (the root /simple/ page, or a
         project page of a ``merge = true`` mirror)."""
@@ -704,7 +672,7 @@ class Proxy:
         ]
         kind = document_kind(H.get(headers, "content-type")) or "html"
         body = merge(kind, docs)
-        info["target"] = attrs.evolve(target, doc_url=target.candidates[0][0])
+        info.target = attrs.evolve(target, doc_url=target.candidates[0][0])
         self._send_document(request, 200, headers, body, cache, info)
 
     async def _fetch_document(
@@ -753,15 +721,9 @@ class Proxy:
             return entry.status, list(entry.headers), body, "STALE"
         return None
 
-    @staticmethod
-    def _target(info: dict[str, Any]) -> Target | None:
-        """The mirror target of a request (its upstreams), if mirrored."""
-        target: Target | None = info.get("target") or info.get("file_target")
-        return target
-
-    def _is_document(self, info: dict[str, Any], headers: Iterable[Header]) -> bool:
+    def _is_document(self, info: Exchange, headers: Iterable[Header]) -> bool:
         """Whether a mirrored response is an index document to rewrite."""
-        if info.get("target") is None:
+        if info.target is None:
             return False
         items = list(headers)
         encoding = (H.get(items, "content-encoding") or "identity").lower()
@@ -775,7 +737,7 @@ class Proxy:
         response: IResponse,
         outcome: Outcome,
         cache: str,
-        info: dict[str, Any],
+        info: Exchange,
     ) -> None:
         try:
             body = await documents.collect(response, MAX_DOCUMENT)
@@ -792,18 +754,19 @@ class Proxy:
         headers: Iterable[Header],
         body: bytes,
         cache: str,
-        info: dict[str, Any],
+        info: Exchange,
         age: float | None = None,
     ) -> None:
         """An index document with its URLs rewritten for this client."""
-        target: Target = info["target"]
+        target = info.target
+        assert target is not None, "documents are only sent for mirrored requests"
         items = list(headers)
         kind = document_kind(H.get(items, "content-type"))
         if kind is not None and status == 200:
             body, digests = rewrite(
                 body,
                 kind,
-                target.document_url(H.get(items, "x-cache-upstream"), info["url"]),
+                target.document_url(H.get(items, "x-cache-upstream"), info.url),
                 self.mirrors,
                 target.local_root,
             )
@@ -825,11 +788,11 @@ class Proxy:
         request.finish()
 
     def _set_head(
-        self, info: dict[str, Any], request: Request, *args: Any, **kwargs: Any
+        self, info: Exchange, request: Request, *args: Any, **kwargs: Any
     ) -> None:
         """``set_head``, with a mirrored upstream's ``Location`` made local."""
         set_head(request, *args, **kwargs)
-        target: Target | None = self._target(info)
+        target: Target | None = info.mirror
         if target is None or target.match is None:
             return
         location = request.responseHeaders.getRawHeaders(b"location")
@@ -885,10 +848,10 @@ class Proxy:
         request: Request,
         status: int,
         message: str,
-        info: dict[str, Any],
+        info: Exchange,
         cache: str = "-",
     ) -> None:
-        info["cache"] = cache
+        info.cache = cache
         if not request._disconnected and not request.finished:
             send_error(request, status, message, cache=cache, via=self.via)
 
@@ -918,18 +881,18 @@ class Proxy:
         )
 
     def _log_request(
-        self, _: object, request: Request, started: float, info: dict[str, Any]
+        self, _: object, request: Request, started: float, info: Exchange
     ) -> None:
-        if info.get("tunnel"):
+        if info.tunnel:
             return  # logged when the tunnel closes
-        if not info.get("own_page"):
+        if not info.own_page:
             self.stats.record_request(
-                cache=info["cache"],
+                cache=info.cache,
                 status=request.code,
                 bytes_sent=request.sentLength,
                 duration=self.clock.seconds() - started,
-                host=info["upstream"],
-                url=info.get("url") or "",
+                host=info.upstream,
+                url=info.url or "",
             )
         if self._access_log is None:
             return
@@ -939,12 +902,12 @@ class Proxy:
                 "time": started,
                 "client": getattr(client, "host", "-"),
                 "method": request.method.decode("latin-1"),
-                "url": info.get("url") or request.uri.decode("latin-1"),
+                "url": info.url or request.uri.decode("latin-1"),
                 "status": request.code,
                 "bytes": request.sentLength,
                 "duration_ms": int((self.clock.seconds() - started) * 1000),
-                "cache": info["cache"],
-                "upstream": info["upstream"],
+                "cache": info.cache,
+                "upstream": info.upstream,
             }
         )
 
