@@ -8,7 +8,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from .download import Kind as OutcomeKind
+from .download import Outcome
 from .exchange import Exchange
+from .outcomes import error_status
 from .policy import BadURL, normalize_url
 from .routing import BadRequest, Kind, Route, split_host
 from .tunnel import Tunnel
@@ -97,11 +100,8 @@ async def handle_connect(
         )
     except Exception:
         info.tunnel = False
-        from .download import Kind as OutcomeKind
-        from .download import Outcome
-        from .proxy import _error_status
 
-        status, message = _error_status(Outcome(OutcomeKind.ERROR, failure=Failure()))
+        status, message = error_status(Outcome(OutcomeKind.ERROR, failure=Failure()))
         return proxy._error(request, status, message, info)
     if request._disconnected:
         protocol.transport.loseConnection()  # type: ignore[attr-defined]

@@ -5,20 +5,16 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin
 
-import attrs
 from twisted.internet import defer
 from twisted.internet.error import (
-    ConnectError,
     ConnectionDone,
-    DNSLookupError,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseNeverReceived
+from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -26,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from . import __version__, documents, pages, policy
 from . import headers as H
 from .auth import ProxyAuth, send_auth_required
-from .config import FOREVER, ProxyConfig, Rule
+from .config import ProxyConfig, Rule
 from .connect import handle_connect, intercepted_route
 from .download import (
     Download,
@@ -37,13 +33,15 @@ from .download import (
     PassingThrough,
 )
 from .entry import Header, StoredResponse
-from .errors import BodyMissing, DestinationRefused, UpstreamTimeout
+from .errors import BodyMissing
 from .exchange import Exchange
 from .interfaces import ICacheStore, IUpstream
-from .mirrors import MirrorMatch, MirrorTable, Target
+from .mirrors import MirrorTable, Target
+from .mirrorserve import MirrorServing
 from .origdst import original_destination
-from .responses import PassThrough, abort, send_error, set_head
-from .rewrite import MAX_DOCUMENT, Digest, document_kind, merge, rewrite
+from .outcomes import describe, drain, error_status, plan_range
+from .responses import PassThrough, abort, send_error
+from .rewrite import MAX_DOCUMENT, Digest
 from .routing import BadRequest, Listener, classify
 from .routing import Kind as RouteKind
 from .stats import Stats, upstream_error_kind
@@ -51,7 +49,7 @@ from .stats import Stats, upstream_error_kind
 if TYPE_CHECKING:
     from .ca import CertificateAuthority
     from .intercept import InterceptPolicy
-from .upstream import DNSLookupFailed, headers_from_pairs, pairs_from_headers
+from .upstream import headers_from_pairs, pairs_from_headers
 
 _log = Logger()
 
@@ -71,9 +69,6 @@ _CACHED_PATH_DROP = frozenset(
 )
 
 
-_MAX_DIGESTS = 200_000
-
-
 class ProxyResource(Resource):
     """twisted.web glue: every request, whatever its path, goes to ``Proxy``."""
 
@@ -89,7 +84,7 @@ class ProxyResource(Resource):
         return NOT_DONE_YET
 
 
-class Proxy:
+class Proxy(MirrorServing):
     """Serves requests per SPEC 2-5 with a store, an upstream and a clock."""
 
     def __init__(
@@ -370,12 +365,12 @@ class Proxy:
             _log.info(
                 "upstream failed for {url}; serving stale: {why}",
                 url=download.url,
-                why=_describe(outcome),
+                why=describe(outcome),
             )
             return await self._serve_entry(
                 request, stale, "STALE", client_headers, info
             )
-        status, message = _error_status(outcome)
+        status, message = error_status(outcome)
         return self._error(request, status, message, info, "MISS")
 
     async def _serve_entry(
@@ -405,7 +400,7 @@ class Proxy:
             request.responseHeaders.removeHeader(b"content-length")
             request.finish()
             return
-        planned = _plan_range(
+        planned = plan_range(
             entry.status,
             client_headers if policy.if_range_matches(entry, client_headers) else [],
             entry.size,
@@ -473,7 +468,7 @@ class Proxy:
         extra: list[Header] = []
         if download.total is not None:
             # A range past the end of a file not yet stored: the whole file.
-            status, start, end, extra = _plan_range(
+            status, start, end, extra = plan_range(
                 status, client_headers, download.total
             ) or (status, 0, download.total, [])
         self._set_head(
@@ -536,7 +531,7 @@ class Proxy:
         except Exception:
             failure = Failure()
             self.stats.record_upstream_error(upstream_error_kind(failure))
-            status, message = _error_status(Outcome(Kind.ERROR, failure=failure))
+            status, message = error_status(Outcome(Kind.ERROR, failure=failure))
             return self._error(request, status, message, info, cache)
         if response.code >= 500:
             self.stats.record_upstream_error("http_5xx")
@@ -579,7 +574,7 @@ class Proxy:
             or outcome.status in (204, 304)
             or (request._disconnected)
         ):
-            response.deliverBody(_drain())
+            response.deliverBody(drain())
             if not request._disconnected:
                 request.finish()
             return
@@ -599,229 +594,6 @@ class Proxy:
                 on_done=lambda: self.downloads.passing.discard(flight),
             )
         )
-
-    # -- mirrors ----------------------------------------------------------------
-
-    async def _mirror(
-        self, request: Request, match: MirrorMatch, method: str, info: Exchange
-    ) -> None:
-        """A request under a ``--mirror`` prefix (SPEC 6)."""
-        try:
-            url = policy.normalize_url(match.key_url)
-        except policy.BadURL as e:
-            return self._error(request, 400, str(e), info)
-        target = Target(match, self._local_root(request))
-        info.url = url
-        info.upstream = match.mirror.upstreams[0].split("/", 3)[2]
-        info.target = target
-        client_headers = pairs_from_headers(request.requestHeaders)
-        rule = policy.select_rule(self.rules, url)
-        if rule.name == "origin":
-            rule = self._mirror_rule  # everything under a mirror is metadata
-        if rule.ttl == FOREVER:
-            # A package file is never rewritten, whatever its Content-Type.
-            info.target, info.file_target = None, target
-        if policy.request_bypass(rule, method, client_headers) is not None:
-            return await self._bypass(
-                request, target.candidates[0][0], method, client_headers, info
-            )
-        path = match.rest.split("?", 1)[0]
-        # Only index pages are merged; a package file comes whole from the
-        # first upstream that has it.
-        if len(match.mirror.upstreams) > 1 and (
-            path in ("simple/", "simple")
-            or (match.mirror.merge and "/" in path and rule.ttl != FOREVER)
-        ):
-            return await self._merged(request, target, rule, client_headers, info)
-        await self._cached(request, url, rule, client_headers, info)
-
-    async def _merged(
-        self,
-        request: Request,
-        target: Target,
-        rule: Rule,
-        client_headers: list[Header],
-        info: Exchange,
-    ) -> None:
-        """The union of every upstream's page (the root /simple/ page, or a
-        project page of a ``merge = true`` mirror)."""
-        docs: list[tuple[str, bytes]] = []
-        first: tuple[int, list[Header]] | None = None
-        caches = set()
-        for upstream_url, _ in target.candidates:
-            try:
-                url = policy.normalize_url(upstream_url)
-            except policy.BadURL:
-                continue
-            got = await self._fetch_document(url, rule, client_headers)
-            if got is None:
-                continue
-            status, headers, body, cache = got
-            if status != 200:
-                continue
-            caches.add(cache)
-            docs.append((upstream_url, body))
-            first = first or (status, headers)
-        if first is None:
-            return self._error(request, 404, "no upstream has this page", info, "MISS")
-        cache = "MISS" if "MISS" in caches else sorted(caches)[0]
-        headers = [
-            (k, v)
-            for k, v in first[1]
-            if k.lower() not in ("etag", "last-modified", "x-cache-upstream")
-        ]
-        kind = document_kind(H.get(headers, "content-type")) or "html"
-        body = merge(kind, docs)
-        info.target = attrs.evolve(target, doc_url=target.candidates[0][0])
-        self._send_document(request, 200, headers, body, cache, info)
-
-    async def _fetch_document(
-        self, url: str, rule: Rule, client_headers: list[Header]
-    ) -> tuple[int, list[Header], bytes, str] | None:
-        """One upstream's document through the cache, whole; None on failure."""
-        entry = policy.select_variant(await self.store.lookup(url), client_headers)
-        now = self.clock.seconds()
-        cfg = self.config
-        if entry is not None and (
-            cfg.offline
-            or policy.is_fresh(rule, entry, now, cfg.index_ttl, cfg.negative_ttl)
-        ):
-            body = await documents.read_entry(self.store, entry, MAX_DOCUMENT)
-            return entry.status, list(entry.headers), body, "HIT"
-        if cfg.offline:
-            return None
-        download = self.downloads.get(url) or self._new_download(
-            url,
-            rule,
-            client_headers,
-            entry,
-            shared=True,
-            target=Target.single(url),
-        )
-        outcome = await download.wait(client_headers)
-        try:
-            if outcome.kind is Kind.STREAM:
-                reader = download.open_reader()
-                body = await documents.read_download(download, reader, MAX_DOCUMENT)
-                return outcome.status, list(outcome.headers), body, "MISS"
-            if outcome.kind is Kind.NOT_MODIFIED and outcome.entry is not None:
-                body = await documents.read_entry(
-                    self.store, outcome.entry, MAX_DOCUMENT
-                )
-                return 200, list(outcome.entry.headers), body, "REVALIDATED"
-            if outcome.kind is Kind.PASSTHROUGH and outcome.response is not None:
-                body = await documents.collect(outcome.response, MAX_DOCUMENT)
-                return outcome.status, list(outcome.headers), body, "MISS"
-        except Exception as e:
-            _log.warn("cannot read {url}: {e}", url=url, e=e)
-        if entry is not None and policy.stale_allowed(
-            rule, entry, now, cfg.index_ttl, cfg.negative_ttl, cfg.max_stale
-        ):
-            body = await documents.read_entry(self.store, entry, MAX_DOCUMENT)
-            return entry.status, list(entry.headers), body, "STALE"
-        return None
-
-    def _is_document(self, info: Exchange, headers: Iterable[Header]) -> bool:
-        """Whether a mirrored response is an index document to rewrite."""
-        if info.target is None:
-            return False
-        items = list(headers)
-        encoding = (H.get(items, "content-encoding") or "identity").lower()
-        return encoding == "identity" and (
-            document_kind(H.get(items, "content-type")) is not None
-        )
-
-    async def _pass_document(
-        self,
-        request: Request,
-        response: IResponse,
-        outcome: Outcome,
-        cache: str,
-        info: Exchange,
-    ) -> None:
-        try:
-            body = await documents.collect(response, MAX_DOCUMENT)
-        except Exception as e:
-            return self._error(request, 502, f"index document: {e}", info, cache)
-        self._send_document(
-            request, outcome.status, list(outcome.headers), body, cache, info
-        )
-
-    def _send_document(
-        self,
-        request: Request,
-        status: int,
-        headers: Iterable[Header],
-        body: bytes,
-        cache: str,
-        info: Exchange,
-        age: float | None = None,
-    ) -> None:
-        """An index document with its URLs rewritten for this client."""
-        target = info.target
-        assert target is not None, "documents are only sent for mirrored requests"
-        items = list(headers)
-        kind = document_kind(H.get(items, "content-type"))
-        if kind is not None and status == 200:
-            body, digests = rewrite(
-                body,
-                kind,
-                target.document_url(H.get(items, "x-cache-upstream"), info.url),
-                self.mirrors,
-                target.local_root,
-            )
-            self._remember(digests)
-        if request._disconnected or request.finished:
-            return
-        self._set_head(
-            info,
-            request,
-            status,
-            items,
-            cache=cache,
-            via=self.via,
-            age=age,
-            length=len(body),
-        )
-        if request.method != b"HEAD":
-            request.write(body)
-        request.finish()
-
-    def _set_head(
-        self, info: Exchange, request: Request, *args: Any, **kwargs: Any
-    ) -> None:
-        """``set_head``, with a mirrored upstream's ``Location`` made local."""
-        set_head(request, *args, **kwargs)
-        target: Target | None = info.mirror
-        if target is None or target.match is None:
-            return
-        location = request.responseHeaders.getRawHeaders(b"location")
-        if not location:
-            return
-        label = request.responseHeaders.getRawHeaders(b"x-cache-upstream")
-        base = label[0].decode("latin-1") if label else target.candidates[0][1]
-        absolute = urljoin(base + target.match.rest, location[0].decode("latin-1"))
-        local = self.mirrors.local_path(absolute)
-        if local is not None:
-            request.responseHeaders.setRawHeaders(
-                b"location", [(target.local_root + local).encode("latin-1")]
-            )
-
-    def _remember(self, digests: dict[str, Digest]) -> None:
-        for url, digest in digests.items():
-            self.digests[url] = digest
-            self.digests.move_to_end(url)
-        while len(self.digests) > _MAX_DIGESTS:
-            self.digests.popitem(last=False)
-
-    def _local_root(self, request: Request) -> str:
-        """``scheme://host[:port]`` as the client addressed the proxy."""
-        scheme = "https" if request.isSecure() else "http"
-        host = (request.getHeader(b"host") or b"").decode("latin-1").strip()
-        if not host:
-            local = request.getHost()
-            host = f"{getattr(local, 'host', 'localhost')}:{getattr(local, 'port', 80)}"
-        return f"{scheme}://{host}"
 
     # -- admin ------------------------------------------------------------------
 
@@ -910,61 +682,6 @@ class Proxy:
                 "upstream": info.upstream,
             }
         )
-
-
-def _plan_range(
-    status: int, client_headers: list[Header], size: int
-) -> tuple[int, int, int, list[Header]] | None:
-    """(status, start, end, extra headers) for a body of ``size`` bytes: 206
-    for a satisfiable single Range on a 200, else the whole body; None when
-    the range is unsatisfiable (416)."""
-    range_value = H.get(client_headers, "range")
-    if status != 200 or not range_value:
-        return status, 0, size, []
-    byte_range = policy.parse_range(range_value, size)
-    if byte_range is policy.Unsatisfiable.RANGE:
-        return None
-    if byte_range is None:
-        return status, 0, size, []
-    start, end = byte_range.start, byte_range.end
-    return 206, start, end, [("Content-Range", f"bytes {start}-{end - 1}/{size}")]
-
-
-def _drain() -> Any:
-    from .download import _Discard
-
-    return _Discard()
-
-
-def _describe(outcome: Outcome) -> str:
-    if outcome.failure is not None:
-        return outcome.failure.getErrorMessage()
-    return f"upstream answered {outcome.status} {outcome.phrase}"
-
-
-def _error_status(outcome: Outcome) -> tuple[int, str]:
-    """The status and message for a client when upstream failed."""
-    if outcome.failure is None:
-        if outcome.status:
-            return (
-                outcome.status,
-                f"upstream answered {outcome.status} {outcome.phrase}",
-            )
-        return 502, "upstream response unusable"
-    failure = outcome.failure
-    if failure.check(ResponseNeverReceived):
-        reasons = getattr(failure.value, "reasons", [])
-        if reasons:
-            failure = reasons[0]
-    if failure.check(DestinationRefused):
-        return 403, f"destination refused: {failure.getErrorMessage()}"
-    if failure.check(UpstreamTimeout):
-        return 504, f"upstream timed out: {failure.getErrorMessage()}"
-    if failure.check(DNSLookupFailed, DNSLookupError):
-        return 502, f"upstream name not found: {failure.getErrorMessage()}"
-    if failure.check(ConnectError):
-        return 502, f"cannot connect upstream: {failure.getErrorMessage()}"
-    return 502, f"upstream failed: {failure.getErrorMessage()}"
 
 
 __all__ = ["Proxy", "ProxyResource"]
