@@ -43,6 +43,9 @@ _METADATA = (
 )
 
 
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
 class BadURL(ValueError):
     """A request target that cannot be proxied."""
 
@@ -56,7 +59,7 @@ def normalize_url(url: str) -> str:
     """
     # urlsplit silently drops tabs and newlines and strips leading spaces, so
     # check the raw text: such a URL must be refused, not quietly rewritten.
-    if not url.isascii() or any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+    if not url.isascii() or _CONTROL.search(url):
         raise BadURL("control characters, spaces or non-ASCII in URL")
     try:
         parts = urlsplit(url)
