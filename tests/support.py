@@ -810,78 +810,6 @@ def client_env(home: str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-class ChildServer(ProcessProtocol):
-    """A server child process listening on 127.0.0.1:``port``; killed and
-    reaped in a cleanup if the test did not ``stop`` it."""
-
-    def __init__(
-        self,
-        test: TestCase,
-        argv: list[str],
-        port: int,
-        env: dict[str, str] | None = None,
-        path: str | None = None,
-    ) -> None:
-        self.port = port
-        self.output = bytearray()
-        self.ended: defer.Deferred[None] = defer.Deferred()
-        self.running = True
-        executable = shutil.which(argv[0]) or argv[0]
-        self.process = reactor.spawnProcess(
-            self, executable, argv, env=os.environ if env is None else env, path=path
-        )
-        test.addCleanup(lambda: defer.Deferred.fromCoroutine(self.stop("KILL")))
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:  # noqa: N802
-        self.output += data
-
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802
-        self.running = False
-        self.ended.callback(None)
-
-    def log(self) -> str:
-        return self.output.decode("utf-8", "replace")
-
-    async def wait_listening(self, timeout: float = 20.0) -> None:
-        """Poll until the port accepts connections (bounded)."""
-        waited = 0.0
-        while True:
-            if not self.running:
-                raise AssertionError(f"server exited during start-up:\n{self.log()}")
-            with socket.socket() as s:
-                s.settimeout(1)
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            if waited > timeout:
-                raise AssertionError(f"not listening after {timeout}s:\n{self.log()}")
-            await pause(0.05)
-            waited += 0.05
-
-    async def stop(self, signal: str = "TERM", timeout: float = 10.0) -> None:
-        """Send ``signal`` and wait until the child is reaped (KILL after
-        ``timeout`` seconds)."""
-        from twisted.internet.error import ProcessExitedAlready
-
-        def send(name: str) -> None:
-            if self.running:
-                with contextlib.suppress(ProcessExitedAlready):
-                    self.process.signalProcess(name)
-
-        if not self.running:
-            return
-        send(signal)
-        timer = reactor.callLater(timeout, send, "KILL")
-        await self.ended
-        if timer.active():
-            timer.cancel()
-
-
-__all__ += ["ChildServer", "build_wheel", "client_env"]
-
-
-# -- long-running children and network namespaces (etc/, netns, apt tests) -----
-
-
 class Child(ProcessProtocol):
     """A long-running child process (a server) whose output is collected.
 
@@ -923,6 +851,8 @@ class Child(ProcessProtocol):
         """Everything it printed so far (stdout and stderr), decoded."""
         return self.output.decode("utf-8", "replace")
 
+    log = text
+
     async def wait_for_text(self, text: str, timeout: float = 20.0) -> None:
         """Poll until ``text`` appears in the output (bounded); fail if the
         child exits first."""
@@ -937,6 +867,15 @@ class Child(ProcessProtocol):
             await pause(0.02)
             waited += 0.02
 
+    async def kill(self, signal: str = "KILL") -> None:
+        """Send ``signal`` and wait until the child is reaped."""
+        from twisted.internet.error import ProcessExitedAlready
+
+        if self.running:
+            with contextlib.suppress(ProcessExitedAlready):
+                self.process.signalProcess(signal)
+        await self.ended
+
     async def stop(self, grace: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps it."""
         from twisted.internet.error import ProcessExitedAlready
@@ -949,9 +888,43 @@ class Child(ProcessProtocol):
             if not self.running:
                 return
             await pause(0.02)
-        with contextlib.suppress(ProcessExitedAlready):
-            self.process.signalProcess("KILL")
-        await self.ended
+        await self.kill()
+
+
+class ChildServer(Child):
+    """A server child process listening on 127.0.0.1:``port``."""
+
+    def __init__(
+        self,
+        test: TestCase,
+        argv: list[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        path: str | None = None,
+    ) -> None:
+        self.port = port
+        super().__init__(test, argv, env, path)
+
+    async def wait_listening(self, timeout: float = 20.0) -> None:
+        """Poll until the port accepts connections (bounded)."""
+        waited = 0.0
+        while True:
+            if not self.running:
+                raise AssertionError(f"server exited during start-up:\n{self.log()}")
+            with socket.socket() as s:
+                s.settimeout(1)
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if waited > timeout:
+                raise AssertionError(f"not listening after {timeout}s:\n{self.log()}")
+            await pause(0.05)
+            waited += 0.05
+
+
+__all__ += ["ChildServer", "build_wheel", "client_env"]
+
+
+# -- long-running children and network namespaces (etc/, netns, apt tests) -----
 
 
 def no_proxy_env(**extra: str) -> dict[str, str]:

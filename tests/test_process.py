@@ -9,18 +9,17 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import sqlite3
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import ProcessProtocol, Protocol, ServerFactory
-from twisted.python.failure import Failure
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.trial.unittest import TestCase
 
 from .support import (
     NOT_DONE_YET,
     TWISTD,
+    ChildServer,
     ProcessResult,
     checkout_env,
     free_port,
@@ -53,15 +52,12 @@ def _as_deferred(coroutine: Any) -> defer.Deferred[None]:
     return defer.Deferred.fromCoroutine(coroutine)
 
 
-class Twistd(ProcessProtocol):
+class Twistd(ChildServer):
     """A ``twistd -n cachingproxy`` child on 127.0.0.1:``port``."""
 
     def __init__(self, test: TestCase, cache_dir: str, *options: str) -> None:
-        self.port = free_port()
         self.cache_dir = cache_dir = os.path.abspath(cache_dir)
-        self.output = bytearray()
-        self.ended: defer.Deferred[None] = defer.Deferred()
-        self.reason: Failure | None = None
+        port = free_port()
         cwd = test.mktemp()
         os.makedirs(cwd)
         argv = [
@@ -70,7 +66,7 @@ class Twistd(ProcessProtocol):
             "--pidfile=",
             "cachingproxy",
             "--listen",
-            f"tcp:{self.port}:interface=127.0.0.1",
+            f"tcp:{port}:interface=127.0.0.1",
             "--cache-dir",
             cache_dir,
             "--allow-upstream",
@@ -79,59 +75,7 @@ class Twistd(ProcessProtocol):
             "127.0.0.1",
             *options,
         ]
-        self.process = reactor.spawnProcess(
-            self, argv[0], argv, env=checkout_env(), path=cwd
-        )
-        test.addCleanup(lambda: _as_deferred(self.stop()))
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:  # noqa: N802
-        self.output += data
-
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802
-        self.reason = reason
-        self.ended.callback(None)
-
-    @property
-    def running(self) -> bool:
-        return self.reason is None
-
-    def log(self) -> str:
-        return self.output.decode("utf-8", "replace")
-
-    async def wait_listening(self, timeout: float = 20.0) -> None:
-        """Poll until the proxy's port accepts connections (bounded)."""
-        waited = 0.0
-        while True:
-            if not self.running:
-                raise AssertionError(f"twistd exited during start-up:\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                pass
-            if waited > timeout:
-                raise AssertionError(
-                    f"twistd not listening after {timeout}s:\n{self.log()}"
-                )
-            await pause(0.05)
-            waited += 0.05
-
-    async def kill(self, signal: str = "KILL") -> None:
-        """Send ``signal`` and wait until the process is reaped."""
-        if self.running:
-            self.process.signalProcess(signal)
-        await self.ended
-
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s; always reaps the child."""
-        if not self.running:
-            return
-        self.process.signalProcess("TERM")
-        for _ in range(200):
-            if not self.running:
-                return
-            await pause(0.05)
-        await self.kill()
+        super().__init__(test, argv, port, env=checkout_env(), path=cwd)
 
 
 async def curl(
