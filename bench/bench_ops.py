@@ -15,7 +15,7 @@ side, each with its own cache directory:
 * ``100k``: no access log, 100 000 entries.
 
 The stores are filled before the proxies start: rows go straight into the
-index (``cachingproxy.store.index.Index``, one transaction) with a tiny body
+index (``cachingproxy.cache.store.index.Index``, one transaction) with a tiny body
 file each, so the proxy's start-up sweep keeps them.  Each proxy then stores
 the same 10 KiB file (a MISS), and the benchmark measures HIT requests/s of
 that file, one proxy at a time, in rounds that interleave the three so that
@@ -49,8 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # bench/bench.py: the origin, the load clients, helpers
 
 sys.path.insert(0, bench.REPO)
-from cachingproxy.entry import StoredResponse
-from cachingproxy.store.index import Index
+from cachingproxy.cache.entry import StoredResponse
+from cachingproxy.cache.store.index import Index
 
 SMALL = 10 * bench.KiB
 FILLER = b"cachingproxy benchmark filler\n"

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from twisted.web.http_headers import Headers
     from twisted.web.iweb import IBodyProducer, IResponse
 
-    from .entry import StoredResponse, Usage
+    from cachingproxy.cache.entry import StoredResponse, Usage
 
 
 class IPartialReader(Interface):

@@ -20,7 +20,7 @@ from ipaddress import ip_address, ip_network
 
 from attrs import frozen
 
-from .config import (
+from cachingproxy.config import (
     DEFAULT_ALLOW_CLIENT,
     FOREVER,
     Mirror,
@@ -28,7 +28,12 @@ from .config import (
     ProxyConfig,
     Rule,
 )
-from .mirrors import combine, parse_base, parse_mirror, parse_mirror_table
+from cachingproxy.mirror.mirrors import (
+    combine,
+    parse_base,
+    parse_mirror,
+    parse_mirror_table,
+)
 
 
 class ConfigError(ValueError):
@@ -211,7 +216,7 @@ def _parse_token(value: object) -> str:
 
 def _parse_intercept(value: object) -> tuple[str, ...]:
     """A host glob, or the preset ``packages``."""
-    from .intercept import parse_pattern
+    from cachingproxy.tls.intercept import parse_pattern
 
     if not isinstance(value, str):
         raise ValueError(f"{_show(value)} is not a host pattern")

@@ -19,12 +19,13 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from . import __version__, documents, pages, policy
-from . import headers as H
-from .auth import ProxyAuth, send_auth_required
-from .config import ProxyConfig, Rule
-from .connect import handle_connect, intercepted_route
-from .download import (
+from cachingproxy import __version__
+from cachingproxy.cache import headers as H
+from cachingproxy.cache import policy
+from cachingproxy.cache.entry import Header, StoredResponse
+from cachingproxy.config import ProxyConfig, Rule
+from cachingproxy.errors import BodyMissing
+from cachingproxy.fetch.download import (
     Download,
     Downloads,
     FetchSettings,
@@ -32,24 +33,26 @@ from .download import (
     Outcome,
     PassingThrough,
 )
-from .entry import Header, StoredResponse
-from .errors import BodyMissing
-from .exchange import Exchange
-from .interfaces import ICacheStore, IUpstream
-from .mirrors import MirrorTable, Target
-from .mirrorserve import MirrorServing
-from .origdst import original_destination
-from .outcomes import describe, drain, error_status, plan_range
-from .responses import PassThrough, abort, send_error
-from .rewrite import MAX_DOCUMENT, Digest
-from .routing import BadRequest, Listener, classify
-from .routing import Kind as RouteKind
-from .stats import Stats, upstream_error_kind
+from cachingproxy.fetch.outcomes import describe, drain, error_status, plan_range
+from cachingproxy.front.auth import ProxyAuth, send_auth_required
+from cachingproxy.front.exchange import Exchange
+from cachingproxy.front.origdst import original_destination
+from cachingproxy.front.responses import PassThrough, abort, send_error
+from cachingproxy.front.routing import BadRequest, Listener, classify
+from cachingproxy.front.routing import Kind as RouteKind
+from cachingproxy.interfaces import ICacheStore, IUpstream
+from cachingproxy.mirror import documents
+from cachingproxy.mirror.mirrors import MirrorTable, Target
+from cachingproxy.mirror.mirrorserve import MirrorServing
+from cachingproxy.mirror.rewrite import MAX_DOCUMENT, Digest
+from cachingproxy.ops import pages
+from cachingproxy.ops.stats import Stats, upstream_error_kind
+from cachingproxy.tls.connect import handle_connect, intercepted_route
 
 if TYPE_CHECKING:
-    from .ca import CertificateAuthority
-    from .intercept import InterceptPolicy
-from .upstream import headers_from_pairs, pairs_from_headers
+    from cachingproxy.tls.ca import CertificateAuthority
+    from cachingproxy.tls.intercept import InterceptPolicy
+from cachingproxy.fetch.upstream import headers_from_pairs, pairs_from_headers
 
 _log = Logger()
 

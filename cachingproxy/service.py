@@ -16,17 +16,17 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .accesslog import AccessLog
-from .auth import HtpasswdError, ProxyAuth
-from .ca import CertificateAuthority
-from .channel import ProxySite
-from .config import ProxyConfig
-from .intercept import InterceptPolicy
-from .interfaces import ICacheStore
-from .proxy import Proxy, ProxyResource
-from .sni import SNIFactory
-from .store import DiskStore
-from .upstream import DestinationPolicy, Resolver, Upstream
+from cachingproxy.cache.store import DiskStore
+from cachingproxy.config import ProxyConfig
+from cachingproxy.fetch.upstream import DestinationPolicy, Resolver, Upstream
+from cachingproxy.front.auth import HtpasswdError, ProxyAuth
+from cachingproxy.front.channel import ProxySite
+from cachingproxy.interfaces import ICacheStore
+from cachingproxy.ops.accesslog import AccessLog
+from cachingproxy.proxy import Proxy, ProxyResource
+from cachingproxy.tls.ca import CertificateAuthority
+from cachingproxy.tls.intercept import InterceptPolicy
+from cachingproxy.tls.sni import SNIFactory
 
 _log = Logger()
 

@@ -7,8 +7,8 @@ from typing import ClassVar
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .config import ProxyConfig
-from .options import SETTINGS, ConfigError, make_config
+from cachingproxy.config import ProxyConfig
+from cachingproxy.options import SETTINGS, ConfigError, make_config
 
 
 class Options(usage.Options):
@@ -222,7 +222,7 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> IService:  # noqa: N802
     """The proxy's service tree, built from the parsed options' ProxyConfig."""
-    from .service import make_service
+    from cachingproxy.service import make_service
 
     return make_service(options.proxy_config)
 

@@ -25,14 +25,14 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cachingproxy.channel import ProxySite as _QuietSite
+from cachingproxy.cache.policy import normalize_url
+from cachingproxy.cache.store.memory import MemoryStore
 from cachingproxy.config import ProxyConfig
 from cachingproxy.errors import DestinationRefused
+from cachingproxy.front.channel import ProxySite as _QuietSite
+from cachingproxy.front.routing import BadRequest, Kind, Listener, classify
 from cachingproxy.interfaces import IUpstream
-from cachingproxy.policy import normalize_url
 from cachingproxy.proxy import Proxy, ProxyResource
-from cachingproxy.routing import BadRequest, Kind, Listener, classify
-from cachingproxy.store.memory import MemoryStore
 
 PROXY_PORT = 3128
 NAMES = ("localhost", "proxy.test")

@@ -28,7 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import readBody
 from twisted.web.server import Request
 
-from cachingproxy import admin
+from cachingproxy.ops import admin
 from cachingproxy.service import ProxyService
 
 from .support import (

@@ -23,7 +23,7 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.static import File
 
-from cachingproxy import policy
+from cachingproxy.cache import policy
 
 from .support import (
     ProcessResult,

@@ -17,8 +17,9 @@ from twisted.internet.task import Clock, LoopingCall
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from cachingproxy import auth
-from cachingproxy.auth import (
+from cachingproxy.config import Mirror
+from cachingproxy.front import auth
+from cachingproxy.front.auth import (
     CHALLENGE,
     HtpasswdError,
     ProxyAuth,
@@ -26,7 +27,6 @@ from cachingproxy.auth import (
     parse_basic,
     parse_htpasswd,
 )
-from cachingproxy.config import Mirror
 
 from .support import (
     TWISTD,

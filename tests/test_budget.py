@@ -22,10 +22,10 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import readBody
 from zope.interface import implementer
 
-from cachingproxy import download as download_module
+from cachingproxy.cache.store import MemoryStore
+from cachingproxy.fetch import download as download_module
+from cachingproxy.fetch.spill import Spill
 from cachingproxy.service import ProxyService
-from cachingproxy.spill import Spill
-from cachingproxy.store import MemoryStore
 
 from .support import (
     Origin,

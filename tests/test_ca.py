@@ -44,9 +44,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from cachingproxy.ca import CA_CERT_FILE, CA_KEY_FILE, CertificateAuthority
-from cachingproxy.cachetool import main as cachetool
-from cachingproxy.intercept import PACKAGES, InterceptPolicy, parse_pattern
+from cachingproxy.ops.cachetool import main as cachetool
+from cachingproxy.tls.ca import CA_CERT_FILE, CA_KEY_FILE, CertificateAuthority
+from cachingproxy.tls.intercept import PACKAGES, InterceptPolicy, parse_pattern
 
 DAY = 86400.0
 PYPI = ("*.pythonhosted.org", "pypi.org")

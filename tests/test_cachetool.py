@@ -1,4 +1,4 @@
-"""Tests for the ``cachingproxy-cache`` tool (cachingproxy.cachetool)."""
+"""Tests for the ``cachingproxy-cache`` tool (cachingproxy.ops.cachetool)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from twisted.internet import task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from cachingproxy.cachetool import main
-from cachingproxy.entry import StoredResponse
-from cachingproxy.store import DiskStore
-from cachingproxy.store.disk import FLUSH_INTERVAL
+from cachingproxy.cache.entry import StoredResponse
+from cachingproxy.cache.store import DiskStore
+from cachingproxy.cache.store.disk import FLUSH_INTERVAL
+from cachingproxy.ops.cachetool import main
 
 from .test_store import ClockReactor, make_entry
 
@@ -294,10 +294,10 @@ class CacheToolTests(unittest.TestCase):
             self.assertIn(command, out.getvalue())
 
     async def test_subprocess(self) -> None:
-        """``python -m cachingproxy.cachetool`` runs the tool with its exit status."""
+        """``python -m cachingproxy.ops.cachetool`` runs the tool with its exit status."""
         await self.populate()
         env = dict(os.environ, PYTHONPATH=ROOT)
-        args = ["-m", "cachingproxy.cachetool", "--cache-dir", self.path]
+        args = ["-m", "cachingproxy.ops.cachetool", "--cache-dir", self.path]
         out, err, code = await getProcessOutputAndValue(
             sys.executable, [*args, "ls", "https://other.example/"], env=env
         )

@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.trial.unittest import SkipTest, TestCase
 
-from cachingproxy.ca import CA_CERT_FILE
+from cachingproxy.tls.ca import CA_CERT_FILE
 
 from .support import (
     Origin,
@@ -259,7 +259,7 @@ class ServerNameTests(TestCase):
         for more bytes; plain HTTP is not TLS."""
         from OpenSSL import SSL
 
-        from cachingproxy.sni import NotTLS, server_name
+        from cachingproxy.tls.sni import NotTLS, server_name
 
         connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
         connection.set_tlsext_host_name(b"Files.PythonHosted.org")

@@ -1,4 +1,4 @@
-"""Protocol-level unit tests of cachingproxy.download: no network, no reactor.
+"""Protocol-level unit tests of cachingproxy.fetch.download: no network, no reactor.
 
 A fake upstream hands out Deferreds the test fires by hand with fake
 responses whose bodies the test pushes byte by byte; time is a task.Clock;
@@ -22,12 +22,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from cachingproxy import policy
-from cachingproxy.download import Download, Downloads, FetchSettings, Kind
-from cachingproxy.entry import Header, StoredResponse
+from cachingproxy.cache import policy
+from cachingproxy.cache.entry import Header, StoredResponse
+from cachingproxy.cache.store import MemoryStore
 from cachingproxy.errors import UpstreamTimeout
+from cachingproxy.fetch.download import Download, Downloads, FetchSettings, Kind
 from cachingproxy.interfaces import IUpstream
-from cachingproxy.store import MemoryStore
 
 IMMUTABLE, METADATA, ORIGIN = policy.default_rules(300.0)
 URL = "http://example.com/pkg-1.0.whl"

@@ -18,10 +18,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from cachingproxy.channel import HEAD_TIMEOUT, IDLE_TIMEOUT, MAX_HEADERS
-from cachingproxy.channel import ProxySite as _QuietSite
-from cachingproxy.limits import ConnectionLimiter, RateLimitedLog, client_key
-from cachingproxy.routing import BadRequest, Kind, Listener, Route, classify
+from cachingproxy.front.channel import HEAD_TIMEOUT, IDLE_TIMEOUT, MAX_HEADERS
+from cachingproxy.front.channel import ProxySite as _QuietSite
+from cachingproxy.front.limits import ConnectionLimiter, RateLimitedLog, client_key
+from cachingproxy.front.routing import BadRequest, Kind, Listener, Route, classify
 from cachingproxy.service import ProxyService
 
 from .support import (

@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
 from cachingproxy.errors import DestinationRefused, UpstreamTimeout
-from cachingproxy.upstream import DestinationPolicy, DNSLookupFailed, Upstream
+from cachingproxy.fetch.upstream import DestinationPolicy, DNSLookupFailed, Upstream
 
 from .support import (
     GuardedReactor,

@@ -29,7 +29,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
-from cachingproxy.ca import CA_CERT_FILE, CA_KEY_FILE
+from cachingproxy.tls.ca import CA_CERT_FILE, CA_KEY_FILE
 
 from .support import (
     TWISTD,
@@ -411,7 +411,7 @@ class TwistdInterceptionTests(_HTTPSTestCase):
         self.assertEqual(oct(key_mode), oct(0o600))
         printed = await run_process(
             [
-                *(sys.executable, "-m", "cachingproxy.cachetool"),
+                *(sys.executable, "-m", "cachingproxy.ops.cachetool"),
                 *("--cache-dir", cache_dir, "ca-cert"),
             ],
             env=checkout_env(),

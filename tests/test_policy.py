@@ -1,4 +1,4 @@
-"""Table tests of the pure caching policy (cachingproxy.policy, cachingproxy.headers)."""
+"""Table tests of the pure caching policy (cachingproxy.cache.policy, cachingproxy.cache.headers)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from cachingproxy import headers as H
-from cachingproxy import policy
+from cachingproxy.cache import headers as H
+from cachingproxy.cache import policy
+from cachingproxy.cache.entry import Header, StoredResponse
+from cachingproxy.cache.policy import BadURL, Bypass, ByteRange, Unsatisfiable
 from cachingproxy.config import FOREVER, Rule
-from cachingproxy.entry import Header, StoredResponse
-from cachingproxy.policy import BadURL, Bypass, ByteRange, Unsatisfiable
 
 INDEX_TTL = 300.0
 NEGATIVE_TTL = 60.0

@@ -1,4 +1,4 @@
-"""Table tests of request classification (SPEC 2): cachingproxy.routing."""
+"""Table tests of request classification (SPEC 2): cachingproxy.front.routing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 from twisted.trial.unittest import TestCase
 
-from cachingproxy.routing import (
+from cachingproxy.front.routing import (
     BadRequest,
     Kind,
     Listener,

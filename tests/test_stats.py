@@ -18,22 +18,22 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 
 from cachingproxy import __version__
 from cachingproxy.errors import DestinationRefused, UpstreamTimeout
-from cachingproxy.metrics import CONTENT_TYPE, metrics_text
-from cachingproxy.stats import MAX_KEYS, Stats, upstream_error_kind
-from cachingproxy.statuspage import (
+from cachingproxy.fetch.upstream import DNSLookupFailed
+from cachingproxy.ops.metrics import CONTENT_TYPE, metrics_text
+from cachingproxy.ops.stats import MAX_KEYS, Stats, upstream_error_kind
+from cachingproxy.ops.statuspage import (
     format_bytes,
     format_duration,
     render_html,
     render_json,
 )
-from cachingproxy.upstream import DNSLookupFailed
 
 SVG = "{http://www.w3.org/2000/svg}"
 
 
 @attrs.frozen
 class Usage:
-    """Has the attributes of cachingproxy.entry.Usage that Stats reads."""
+    """Has the attributes of cachingproxy.cache.entry.Usage that Stats reads."""
 
     bytes: int
     entries: int
@@ -42,7 +42,7 @@ class Usage:
 
 @attrs.define
 class FakeDownload:
-    """Has the attributes of cachingproxy.download.Download that Stats reads."""
+    """Has the attributes of cachingproxy.fetch.download.Download that Stats reads."""
 
     url: str
     bytes_written: int
@@ -235,7 +235,7 @@ class InFlightTests(SynchronousTestCase):
 
     def test_real_download_fits(self) -> None:
         """The real Downloads.in_flight values can be handed to Stats."""
-        from cachingproxy.download import Downloads
+        from cachingproxy.fetch.download import Downloads
 
         downloads = Downloads()
         stats = Stats(

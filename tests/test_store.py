@@ -1,4 +1,4 @@
-"""Tests for cachingproxy.store: one behaviour suite for every ICacheStore."""
+"""Tests for cachingproxy.cache.store: one behaviour suite for every ICacheStore."""
 
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from cachingproxy.entry import StoredResponse, Usage
+from cachingproxy.cache.entry import StoredResponse, Usage
+from cachingproxy.cache.store import CacheDirError, DiskStore, MemoryStore, disk
+from cachingproxy.cache.store.disk import FLUSH_INTERVAL
+from cachingproxy.cache.store.index import prefix_successor
 from cachingproxy.errors import BodyMissing, StoreFull
 from cachingproxy.interfaces import IBodyWriter, ICacheStore, IPartialReader
-from cachingproxy.store import CacheDirError, DiskStore, MemoryStore, disk
-from cachingproxy.store.disk import FLUSH_INTERVAL
-from cachingproxy.store.index import prefix_successor
 
 REACTOR = IReactorThreads(reactor)
 OLD_SCHEMA = """

@@ -1,0 +1,151 @@
+"""The writer of :class:`~cachingproxy.cache.store.disk.DiskStore`: a body in ``tmp/``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import TYPE_CHECKING, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from cachingproxy.cache.entry import StoredResponse
+from cachingproxy.cache.store.index import unlink_quietly
+from cachingproxy.errors import StoreFull
+from cachingproxy.interfaces import IBodyWriter, IPartialReader
+
+if TYPE_CHECKING:
+    from cachingproxy.cache.store.disk import DiskStore
+
+_T = TypeVar("_T")
+
+
+@implementer(IPartialReader)
+class FileReader:
+    """Reads what a writer has written through a duplicate of its fd."""
+
+    def __init__(self, writer: DiskWriter, fd: int) -> None:
+        self._writer = writer
+        self._fd = fd
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._fd < 0:
+            raise ValueError("reader is closed")
+        stop = min(offset + length, self._writer.bytes_written)
+        if stop <= offset:
+            return b""
+        return os.pread(self._fd, stop - offset, offset)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@implementer(IBodyWriter)
+class DiskWriter:
+    """A body being written to ``tmp/``; moved into ``bodies/`` on commit."""
+
+    def __init__(self, store: DiskStore, url: str, name: str, fd: int) -> None:
+        self.bytes_written = 0
+        self._store = store
+        self._url = url
+        self._name = name
+        self._fd = fd
+        self._hash = hashlib.sha256()
+        self._state = "open"  # -> full | committing -> committed | aborted
+
+    @property
+    def _tmp_path(self) -> str:
+        return os.path.join(self._store._tmp_dir, self._name)
+
+    @property
+    def _ref(self) -> str:
+        return f"{self._name[:2]}/{self._name}"
+
+    def write(self, data: bytes) -> None:
+        if self._state != "open":
+            if self._state == "full" or self._store._closing is not None:
+                raise StoreFull(f"cannot store {self._url}: writer is {self._state}")
+            raise ValueError(f"write to a {self._state} writer")
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self._fd, view[done:])
+        except OSError as e:
+            self._state = "full"
+            raise StoreFull(f"cannot store {self._url}: {e}") from e
+        self._hash.update(data)
+        self.bytes_written += len(data)
+
+    def open_reader(self) -> IPartialReader:
+        if self._fd < 0:
+            raise ValueError(f"open_reader on a {self._state} writer")
+        return FileReader(self, os.dup(self._fd))
+
+    def commit(self, entry: StoredResponse) -> Deferred[StoredResponse]:
+        if self._state != "open" or self._store._closing is not None:
+            full = self._state == "full" or self._store._closing is not None
+            error = StoreFull if full else ValueError
+            return defer.fail(
+                error(f"cannot commit {self._url}: writer is {self._state}")
+            )
+        max_size = self._store.max_size
+        if max_size is not None and self.bytes_written > max_size:
+            self.abort()
+            return defer.fail(
+                StoreFull(
+                    f"cannot store {self._url}: {self.bytes_written} bytes"
+                    f" exceed the store's max_size of {max_size}"
+                )
+            )
+        self._state = "committing"
+        stored = entry.replace(
+            size=self.bytes_written, digest=self._hash.hexdigest(), body_ref=self._ref
+        )
+        store = self._store
+        d = store._in_thread(self._sync_and_move, store._body_path(self._ref))
+        committed = d.addCallback(lambda _: store._insert(stored))
+        committed.addErrback(self._commit_failed)
+        committed.addBoth(self._close_fd)
+        return store._track(committed)
+
+    def _sync_and_move(self, body_path: str) -> None:
+        """In a thread: make the body durable under its final name."""
+        os.fsync(self._fd)
+        directory = os.path.dirname(body_path)
+        os.makedirs(directory, exist_ok=True)
+        os.rename(self._tmp_path, body_path)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _commit_failed(self, failure: Failure) -> Failure:
+        self._state = "aborted"
+        unlink_quietly(self._tmp_path)
+        unlink_quietly(self._store._body_path(self._ref))
+        return failure
+
+    def _close_fd(self, result: _T) -> _T:
+        if self._state == "committing":
+            self._state = "committed"
+        self._store._writers.discard(self)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        return result
+
+    def abort(self) -> Deferred[None]:
+        if self._state in ("open", "full"):
+            self._state = "aborted"
+            self._close_fd(None)
+            unlink_quietly(self._tmp_path)
+        return defer.succeed(None)
+
+
+__all__ = ["DiskWriter", "FileReader"]

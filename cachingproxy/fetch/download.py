@@ -1,0 +1,623 @@
+"""Shared upstream downloads (request coalescing) and the clients that follow them.
+
+A :class:`Download` fetches one URL once, writes the body into a store
+writer as it arrives, and tells everyone waiting on it what happened
+(:class:`Outcome`).  Each client of a body being stored is a
+:class:`Follower`: a push producer that reads the bytes already written at
+its own pace, so a slow client never holds the download back and nothing
+is buffered per client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from enum import Enum
+from typing import Any
+
+import attrs
+from attrs import frozen
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IConsumer, IDelayedCall
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.iweb import IResponse
+
+from cachingproxy.cache import headers as H
+from cachingproxy.cache import policy
+from cachingproxy.cache.entry import Header, StoredResponse
+from cachingproxy.config import Rule
+from cachingproxy.errors import (
+    BodyMissing,
+    DestinationRefused,
+    DigestMismatch,
+    StoreFull,
+    UpstreamTimeout,
+)
+from cachingproxy.fetch.follower import CHUNK, Follower
+from cachingproxy.fetch.spill import Spill
+from cachingproxy.fetch.upstream import headers_from_pairs, pairs_from_headers
+from cachingproxy.interfaces import IBodyWriter, ICacheStore, IPartialReader, IUpstream
+from cachingproxy.mirror.rewrite import Digest
+from cachingproxy.ops.stats import upstream_error_kind
+
+_log = Logger()
+
+
+class Kind(Enum):
+    """What a download turned into, from one waiting client's point of view."""
+
+    STREAM = "stream"
+    """A storable body is arriving: follow it."""
+    NOT_MODIFIED = "not-modified"
+    """The stale entry was refreshed by a 304: serve it."""
+    ERROR = "error"
+    """Upstream failed (``failure``) or answered 5xx (``status``)."""
+    PASSTHROUGH = "passthrough"
+    """An unstorable response, handed whole to the one client that asked first."""
+    RETRY = "retry"
+    """Not usable for this client (other variant, or passthrough taken): fetch alone."""
+
+
+@frozen
+class Outcome:
+    kind: Kind
+    status: int = 0
+    phrase: str = ""
+    headers: tuple[Header, ...] = ()
+    entry: StoredResponse | None = None
+    failure: Failure | None = None
+    response: IResponse | None = None
+
+
+@frozen
+class FetchSettings:
+    """The parts of the configuration a download needs."""
+
+    negative_ttl: float
+    max_object_size: int
+    read_timeout: float
+
+
+class Download:
+    """One upstream GET of ``url``, shared by every client that wants it."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        upstream_url: str,
+        request_headers: list[Header],
+        client_headers: list[Header],
+        stale: StoredResponse | None,
+        rule: Rule,
+        store: ICacheStore,
+        upstream: IUpstream,
+        clock: Any,
+        settings: FetchSettings,
+        mirrored: bool = False,
+        fallbacks: Sequence[tuple[str, str]] = (),
+        label: str = "",
+        expected: Digest | None = None,
+        on_done: Callable[[Download], None] = lambda d: None,
+        on_upstream_bytes: Callable[[int], None] = lambda n: None,
+        on_upstream_error: Callable[[str], None] = lambda kind: None,
+    ) -> None:
+        self.url = url
+        self._candidates = [(upstream_url, label), *fallbacks]
+        """(URL, label for X-Cache-Upstream) tried in order (SPEC 6)."""
+        self.upstream_label = label
+        self._expected = expected
+        self._hasher = hashlib.new(expected[0]) if expected is not None else None
+        self._finished: list[defer.Deferred[None]] = []
+        self._done_called = False
+        self._request_headers = request_headers
+        self._client_headers = client_headers
+        self.stale = stale
+        self._rule = rule
+        self._store = store
+        self._upstream = upstream
+        self._clock = clock
+        self._settings = settings
+        self._mirrored = mirrored
+        self._on_done = on_done
+        self._on_upstream_bytes = on_upstream_bytes
+        self._on_upstream_error = on_upstream_error
+        self._spill: Spill | None = None
+        self._receiver: _BodyReceiver | None = None
+        self.purged = False
+        self._waiters: list[defer.Deferred[Outcome]] = []
+        self._outcome: Outcome | None = None
+        self._passthrough_taken = False
+        self._followers: set[Follower] = set()
+        self._writer: IBodyWriter | None = None
+        self.vary: tuple[str, ...] = ()
+        self.variant = ""
+        self.total: int | None = None
+        self.body_complete = False
+        self.failure: Failure | None = None
+        self.entry: StoredResponse | None = None
+        self.started_at = clock.seconds()
+
+    # -- public ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Send the upstream request (to the next candidate upstream)."""
+        url, self.upstream_label = self._candidates.pop(0)
+        pairs = list(self._request_headers)
+        if self.stale is not None:
+            pairs += policy.validators(self.stale)
+        d = self._upstream.request(
+            b"GET",
+            url.encode("ascii"),
+            headers_from_pairs(pairs),
+            mirrored=self._mirrored,
+        )
+        d.addCallbacks(self._got_response, self._got_error)
+        d.addErrback(self._internal_error)
+
+    def finished(self) -> defer.Deferred[None]:
+        """Fires once the download is over (stored, dropped or failed)."""
+        if self._done_called:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._finished.append(d)
+        return d
+
+    @property
+    def readable(self) -> int:
+        """Bytes followers may have: the last byte of a body whose published
+        digest is still unchecked is held back, so a corrupt download never
+        reaches a client whole."""
+        n = self.bytes_written
+        if self._expected is not None and not self.body_complete:
+            n = max(0, n - 1)
+        return n
+
+    def open_reader(self) -> IPartialReader:
+        assert self._writer is not None
+        return self._writer.open_reader()
+
+    def wait(self, client_headers: Iterable[Header]) -> defer.Deferred[Outcome]:
+        """Fires with what this download means for a client with these headers."""
+        items = list(client_headers)
+        if self._outcome is not None:
+            return defer.succeed(self._outcome_for(items))
+        d: defer.Deferred[Outcome] = defer.Deferred()
+        d.addCallback(lambda outcome: self._outcome_for(items, outcome))
+        self._waiters.append(d)
+        return d
+
+    @property
+    def bytes_written(self) -> int:
+        """Body bytes received so far that followers can read."""
+        if self._spill is not None:
+            return self._spill.end
+        return 0 if self._writer is None else int(self._writer.bytes_written)
+
+    def purge(self) -> None:
+        """Make sure this download leaves no entry behind (admin purge)."""
+        self.purged = True
+        if self.entry is not None:
+            self._store.remove(self.entry.url, self.entry.variant)
+
+    def read(self, reader: IPartialReader, offset: int, length: int) -> bytes:
+        """Body bytes at ``offset`` for a follower, from the store or the spill."""
+        spill = self._spill
+        if spill is None:
+            return reader.read(offset, length)
+        if offset >= spill.base:
+            return spill.read(offset, length)
+        return reader.read(offset, min(length, spill.base - offset))
+
+    def _consumed(self) -> None:
+        """A follower moved on: release spilled bytes nobody needs any more."""
+        spill = self._spill
+        if spill is None:
+            return
+        spill.trim(min((f.offset for f in self._followers), default=spill.end))
+        if self._receiver is not None and spill.buffered <= spill.limit // 2:
+            self._receiver.resume()
+
+    @property
+    def done(self) -> bool:
+        return self.body_complete or self.failure is not None
+
+    @property
+    def clients(self) -> int:
+        return len(self._followers)
+
+    def follow(
+        self,
+        consumer: IConsumer,
+        on_finish: Callable[[Failure | None], None],
+        start: int = 0,
+        end: int | None = None,
+    ) -> Follower:
+        """Attach a client that reads the body ``[start, end)`` as it arrives."""
+        assert self._writer is not None
+        follower = Follower(
+            self, self._writer.open_reader(), consumer, on_finish, start, end
+        )
+        self._followers.add(follower)
+        follower.begin()
+        return follower
+
+    # -- outcome ---------------------------------------------------------------
+
+    def _outcome_for(
+        self, client_headers: list[Header], outcome: Outcome | None = None
+    ) -> Outcome:
+        outcome = outcome or self._outcome
+        assert outcome is not None
+        if outcome.kind is Kind.STREAM:
+            if (
+                self.failure is not None
+                or self._spill is not None
+                or (policy.variant_of(self.vary, client_headers) != self.variant)
+            ):
+                return Outcome(Kind.RETRY)
+        elif outcome.kind is Kind.NOT_MODIFIED:
+            assert outcome.entry is not None
+            entry = outcome.entry
+            if policy.variant_of(entry.vary, client_headers) != entry.variant:
+                return Outcome(Kind.RETRY)
+        elif outcome.kind is Kind.PASSTHROUGH:
+            if self._passthrough_taken:
+                return Outcome(Kind.RETRY)
+            self._passthrough_taken = True
+        return outcome
+
+    def _decide(self, outcome: Outcome) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(outcome)
+        if outcome.kind is Kind.PASSTHROUGH and not self._passthrough_taken:
+            # Every client went away before the head came.
+            assert outcome.response is not None
+            outcome.response.deliverBody(_Discard())
+        if outcome.kind is not Kind.STREAM:
+            self._done()
+
+    # -- upstream events -------------------------------------------------------
+
+    def _got_error(self, failure: Failure) -> None:
+        self._on_upstream_error(upstream_error_kind(failure))
+        if self._candidates and not failure.check(DestinationRefused):
+            _log.info(
+                "upstream {label} failed for {url} ({why}); trying the next",
+                label=self.upstream_label,
+                url=self.url,
+                why=failure.getErrorMessage(),
+            )
+            self.start()
+            return
+        self.failure = failure
+        self._decide(Outcome(Kind.ERROR, failure=failure))
+
+    def _internal_error(self, failure: Failure) -> None:
+        _log.failure("download of {url} failed internally", failure, url=self.url)
+        if self._outcome is None:
+            self._got_error(failure)
+
+    def _got_response(self, response: IResponse) -> defer.Deferred[None] | None:
+        status = response.code
+        headers = H.end_to_end(pairs_from_headers(response.headers))
+        phrase = response.phrase.decode("latin-1", "replace")
+        if (status >= 500 or status == 404) and self._candidates:
+            _log.info(
+                "upstream {label} answered {status} for {url}; trying the next",
+                label=self.upstream_label,
+                status=status,
+                url=self.url,
+            )
+            response.deliverBody(_Discard())
+            self.start()
+            return None
+        if self.upstream_label:
+            headers.append(("X-Cache-Upstream", self.upstream_label))
+        if status == 304 and self.stale is not None:
+            response.deliverBody(_Discard())
+            return defer.Deferred.fromCoroutine(self._refresh(headers))
+        if status >= 500:
+            self._on_upstream_error("http_5xx")
+            response.deliverBody(_Discard())
+            self._decide(Outcome(Kind.ERROR, status=status, phrase=phrase))
+            return None
+        length = response.length if isinstance(response.length, int) else None
+        vary = policy.parse_vary(headers)
+        if (
+            vary is None
+            or not policy.is_storable(
+                self._rule, status, headers, self._settings.negative_ttl
+            )
+            or (length is not None and length > self._settings.max_object_size)
+        ):
+            self._decide(
+                Outcome(
+                    Kind.PASSTHROUGH, status, phrase, tuple(headers), response=response
+                )
+            )
+            return None
+        return defer.Deferred.fromCoroutine(
+            self._stream(response, status, phrase, headers, vary, length)
+        )
+
+    async def _refresh(self, headers: list[Header]) -> None:
+        assert self.stale is not None
+        entry = policy.refreshed(self.stale, headers, self._clock.seconds())
+        try:
+            entry = await self._store.update(entry)
+        except BodyMissing:
+            self._decide(Outcome(Kind.RETRY))
+            return
+        self.entry = entry
+        self._decide(Outcome(Kind.NOT_MODIFIED, entry=entry))
+
+    async def _stream(
+        self,
+        response: IResponse,
+        status: int,
+        phrase: str,
+        headers: list[Header],
+        vary: tuple[str, ...],
+        length: int | None,
+    ) -> None:
+        try:
+            self._writer = await self._store.open_writer(self.url)
+        except Exception:
+            _log.failure("cannot store {url}; passing it through", url=self.url)
+            self._decide(
+                Outcome(
+                    Kind.PASSTHROUGH, status, phrase, tuple(headers), response=response
+                )
+            )
+            return
+        self.vary = vary
+        self.variant = policy.variant_of(vary, self._client_headers)
+        self.total = length
+        self._status, self._headers = status, headers
+        self._decide(Outcome(Kind.STREAM, status, phrase, tuple(headers)))
+        self._receiver = _BodyReceiver(self, self._clock, self._settings.read_timeout)
+        response.deliverBody(self._receiver)
+
+    def _data(self, data: bytes) -> None:
+        assert self._writer is not None
+        self._on_upstream_bytes(len(data))
+        if self._hasher is not None:
+            self._hasher.update(data)
+        if self._spill is None:
+            try:
+                self._writer.write(data)
+            except StoreFull as e:
+                _log.error(
+                    "cannot store {url} ({e}); its clients still get it",
+                    url=self.url,
+                    e=e,
+                )
+                self._spill = Spill(int(self._writer.bytes_written))
+        if self._spill is not None:
+            self._spill.append(data)
+            if self._spill.full and self._receiver is not None:
+                self._receiver.pause()
+        for follower in list(self._followers):
+            follower.wake()
+        self._consumed()
+
+    def _body_end(self, reason: Failure) -> None:
+        assert self._writer is not None
+        written = self.bytes_written
+        ok = reason.check(ResponseDone) or (
+            reason.check(PotentialDataLoss) and self.total is None
+        )
+        if ok and self.total is not None and written != self.total:
+            ok = False
+        if ok and self._expected is not None and self._hasher is not None:
+            actual = self._hasher.hexdigest()
+            if actual != self._expected[1]:
+                _log.error(
+                    "digest mismatch for {url}: index published {algo} {expected},"
+                    " download has {actual}; not stored, clients cut off",
+                    url=self.url,
+                    algo=self._expected[0],
+                    expected=self._expected[1],
+                    actual=actual,
+                )
+                self._on_upstream_error("broken")
+                self.failure = Failure(DigestMismatch(self.url))
+                self._writer.abort()
+                self._wake_all()
+                self._done()
+                return
+        if not ok:
+            self._on_upstream_error(upstream_error_kind(reason))
+            _log.warn(
+                "download of {url} broke off after {n} bytes: {why}",
+                url=self.url,
+                n=written,
+                why=reason.getErrorMessage(),
+            )
+            self.failure = reason
+            self._writer.abort()
+            self._wake_all()
+            self._done()
+            return
+        self.body_complete = True
+        self._wake_all()
+        if (
+            written > self._settings.max_object_size
+            or self._spill is not None
+            or self.purged
+        ):
+            self._writer.abort()
+            self._done()
+            return
+        entry = StoredResponse(
+            url=self.url,
+            variant=self.variant,
+            vary=self.vary,
+            status=self._status,
+            headers=tuple(self._headers),
+            stored_at=self._clock.seconds(),
+            initial_age=policy.parse_age(self._headers),
+        )
+        d = self._writer.commit(entry)
+
+        def committed(stored: StoredResponse) -> None:
+            self.entry = stored
+            if self.purged:
+                self._store.remove(stored.url, stored.variant)
+
+        def not_committed(failure: Failure) -> None:
+            _log.failure("could not store {url}", failure, url=self.url)
+
+        d.addCallbacks(committed, not_committed)
+        d.addBoth(lambda _: self._done())
+
+    def _done(self) -> None:
+        """The download is over: let go of it and tell whoever waits."""
+        if self._done_called:
+            return
+        self._done_called = True
+        self._on_done(self)
+        finished, self._finished = self._finished, []
+        for d in finished:
+            d.callback(None)
+
+    def _wake_all(self) -> None:
+        for follower in list(self._followers):
+            follower.wake()
+
+    def _forget(self, follower: Follower) -> None:
+        self._followers.discard(follower)
+
+
+class _Discard(Protocol):
+    """Reads and drops a body we do not want (keeps the connection reusable)."""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        pass
+
+
+class _BodyReceiver(Protocol):
+    """Feeds an upstream body into its download, with an idle timeout."""
+
+    def __init__(self, download: Download, clock: Any, read_timeout: float) -> None:
+        self._download = download
+        self._clock = clock
+        self._read_timeout = read_timeout
+        self._timer: IDelayedCall | None = None
+        self._error: Failure | None = None
+        self._paused = False
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self._timer = self._clock.callLater(self._read_timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._abort(
+            Failure(UpstreamTimeout(f"upstream silent for {self._read_timeout:g}s"))
+        )
+
+    def _abort(self, failure: Failure) -> None:
+        self._error = failure
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+    def pause(self) -> None:
+        """Stop reading upstream (the spill is full); the idle timer waits too."""
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self._timer = self._clock.callLater(self._read_timeout, self._timed_out)
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._error is not None:
+            return
+        if self._timer is not None:
+            self._timer.reset(self._read_timeout)
+        self._download._data(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802,B008
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._download._body_end(self._error or reason)
+
+
+@attrs.define(eq=False)
+class PassingThrough:
+    """A response streaming to one client unstored (for the status page)."""
+
+    url: str
+    total: int | None
+    started_at: float
+    bytes_written: int = 0
+    clients: int = 1
+
+    def received(self, n: int) -> None:
+        self.bytes_written += n
+
+
+class Downloads:
+    """The downloads in flight, by normalised URL (for coalescing and status)."""
+
+    def __init__(self) -> None:
+        self.in_flight: dict[str, Download] = {}
+        self.passing: set[PassingThrough] = set()
+        self._variants: dict[tuple[str, str], Download] = {}
+        """Downloads of other variants of a URL, by (url, variant under the
+        Vary of the URL's first download), so their clients share them too."""
+
+    def get(self, url: str) -> Download | None:
+        return self.in_flight.get(url)
+
+    def all(self) -> list[Download | PassingThrough]:
+        """Every download in flight: shared by URL or by variant, and the
+        responses streaming through unstored."""
+        shared = [*self.in_flight.values(), *self._variants.values()]
+        unique: list[Download | PassingThrough] = list(
+            {id(d): d for d in shared}.values()
+        )
+        return unique + list(self.passing)
+
+    def matching(self, predicate: Callable[[str], bool]) -> list[Download]:
+        """The shared downloads in flight whose URL satisfies ``predicate``."""
+        return [d for d in self.all() if isinstance(d, Download) and predicate(d.url)]
+
+    def add(self, download: Download) -> None:
+        self.in_flight[download.url] = download
+
+    def get_variant(self, url: str, variant: str) -> Download | None:
+        return self._variants.get((url, variant))
+
+    def add_variant(self, download: Download, variant: str) -> None:
+        self._variants[(download.url, variant)] = download
+
+    def remove(self, download: Download) -> None:
+        if self.in_flight.get(download.url) is download:
+            del self.in_flight[download.url]
+        for key in [k for k, d in self._variants.items() if d is download]:
+            del self._variants[key]
+
+
+__all__ = [
+    "CHUNK",
+    "Download",
+    "Downloads",
+    "FetchSettings",
+    "Follower",
+    "Kind",
+    "Outcome",
+]

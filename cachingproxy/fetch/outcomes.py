@@ -1,0 +1,72 @@
+"""What to tell a client: range planning and upstream failures as statuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.web.client import ResponseNeverReceived
+
+from cachingproxy.cache import headers as H
+from cachingproxy.cache import policy
+from cachingproxy.cache.entry import Header
+from cachingproxy.errors import DestinationRefused, UpstreamTimeout
+from cachingproxy.fetch.download import Outcome, _Discard
+from cachingproxy.fetch.upstream import DNSLookupFailed
+
+
+def plan_range(
+    status: int, client_headers: list[Header], size: int
+) -> tuple[int, int, int, list[Header]] | None:
+    """(status, start, end, extra headers) for a body of ``size`` bytes: 206
+    for a satisfiable single Range on a 200, else the whole body; None when
+    the range is unsatisfiable (416)."""
+    range_value = H.get(client_headers, "range")
+    if status != 200 or not range_value:
+        return status, 0, size, []
+    byte_range = policy.parse_range(range_value, size)
+    if byte_range is policy.Unsatisfiable.RANGE:
+        return None
+    if byte_range is None:
+        return status, 0, size, []
+    start, end = byte_range.start, byte_range.end
+    return 206, start, end, [("Content-Range", f"bytes {start}-{end - 1}/{size}")]
+
+
+def drain() -> Any:
+    """A protocol that reads and drops a body."""
+    return _Discard()
+
+
+def describe(outcome: Outcome) -> str:
+    if outcome.failure is not None:
+        return outcome.failure.getErrorMessage()
+    return f"upstream answered {outcome.status} {outcome.phrase}"
+
+
+def error_status(outcome: Outcome) -> tuple[int, str]:
+    """The status and message for a client when upstream failed."""
+    if outcome.failure is None:
+        if outcome.status:
+            return (
+                outcome.status,
+                f"upstream answered {outcome.status} {outcome.phrase}",
+            )
+        return 502, "upstream response unusable"
+    failure = outcome.failure
+    if failure.check(ResponseNeverReceived):
+        reasons = getattr(failure.value, "reasons", [])
+        if reasons:
+            failure = reasons[0]
+    if failure.check(DestinationRefused):
+        return 403, f"destination refused: {failure.getErrorMessage()}"
+    if failure.check(UpstreamTimeout):
+        return 504, f"upstream timed out: {failure.getErrorMessage()}"
+    if failure.check(DNSLookupFailed, DNSLookupError):
+        return 502, f"upstream name not found: {failure.getErrorMessage()}"
+    if failure.check(ConnectError):
+        return 502, f"cannot connect upstream: {failure.getErrorMessage()}"
+    return 502, f"upstream failed: {failure.getErrorMessage()}"
+
+
+__all__ = ["describe", "drain", "error_status", "plan_range"]

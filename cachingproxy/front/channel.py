@@ -1,0 +1,316 @@
+"""HTTP/1.1 connections of the proxy: limits, deadlines, hand-over to tunnels.
+
+``Channel`` is twisted.web's HTTPChannel with the hardening of SPEC 8 (header
+limits, a deadline for the request head, idle timeout, per-client connection
+cap, smuggling shapes refused) and the CONNECT hand-over; ``ProxySite`` keeps
+track of its channels so that shutdown can close them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
+
+from cachingproxy.front.limits import (
+    ConnectionLimiter,
+    RateLimitedLog,
+    client_key,
+    held_back,
+)
+
+_log = Logger()
+
+
+_DONE = Failure(ConnectionDone())
+
+
+HEAD_TIMEOUT = 30.0
+"""Seconds a client has to send a whole request head, from its first byte
+(or from the connection's start): a trickle of bytes does not extend it."""
+
+IDLE_TIMEOUT = 60.0
+"""Seconds a keep-alive connection may sit idle between requests."""
+
+MAX_HEADERS = 100
+"""Header fields a request may have."""
+
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    414: b"URI Too Long",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+}
+
+
+class Channel(HTTPChannel):
+    """An HTTP/1.1 channel that tells its site when it is gone, and that
+    holds the line against hostile clients (SPEC 8): a deadline for the
+    request head, limits on its size and header count answered with a clear
+    4xx, no obs-fold, bare LF or Transfer-Encoding other than chunked, and at
+    most ``--max-client-connections`` connections per client address.
+
+    Twisted's own idle timeout (``timeOut``) runs between requests; it is off
+    while a response is being sent, however slowly the client reads.
+    """
+
+    site: ProxySite
+    maxHeaders = MAX_HEADERS
+    taken_over: Any = None
+    """The protocol that gets this connection's bytes after a CONNECT."""
+    intercept: tuple[str, int] | None = None
+    """For a channel inside an intercepted tunnel: the CONNECT authority."""
+    _client: str | None = None
+    """The address counted in the site's ConnectionLimiter, if any."""
+    _refused = False
+    """An error was answered; every later byte is ignored."""
+    _head_lines = 0
+    """Lines of the request head so far (0: waiting for a request line)."""
+    _head_size = 0
+    _head_timer: IDelayedCall | None = None
+    _receiving = 0
+    """dataReceived calls in progress (requestDone re-enters it)."""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        super().connectionMade()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.site.channels.add(self)
+        # The channel inside an intercepted tunnel is the same connection,
+        # counted already.
+        if self.intercept is None:
+            client = client_key(self.transport.getPeer())  # type: ignore[union-attr]
+            if client is not None:
+                if not self.site.limiter.acquire(client):
+                    self.site.refused(client)
+                    self._reject(429, "too many connections from your address")
+                    return
+                self._client = client
+        self._start_head_timer()
+
+    def take_over(self, protocol: Any) -> None:
+        """Hand the connection to ``protocol`` (after a CONNECT's 200): no
+        more HTTP parsing, no HTTP idle timeout."""
+        self.taken_over = protocol
+        self.setTimeout(None)
+        # requestDone would restore the idle timeout saved for the CONNECT.
+        self._savedTimeOut = None
+        self._stop_head_timer()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.taken_over is not None:
+            self.taken_over.dataReceived(data)
+            return
+        if self._refused:
+            return
+        if self.line_mode and not self._handlingRequest and self._head_timer is None:
+            self._start_head_timer()  # the first byte of the next request
+        self._receiving += 1
+        try:
+            super().dataReceived(data)
+        finally:
+            self._receiving -= 1
+        if (
+            self._receiving == 0
+            and self.line_mode
+            and not self._refused
+            and self.taken_over is None
+            and b"\n" in self._buffer
+        ):
+            # Lines end with CRLF: an LF left in an unfinished line is bare
+            # (and would leave the client waiting for the head's end).  Only
+            # the outermost call looks: a nested one (pipelined bytes given
+            # back by requestDone) just queues them for the running loop.
+            self._reject(400, "bare LF in the request head")
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        if b"\n" in line:
+            return self._reject(400, "bare LF in the request head")
+        self._head_size += len(line)
+        if self._head_size > self.totalHeadersSize:
+            return self._reject(431, "request head larger than 16 KiB")
+        if self._head_lines == 0:
+            self._head_lines = 1 if line else 0
+        elif not line:
+            self._head_lines = 0  # the end of the head
+            self._head_size = 0
+        elif line[:1] in (b" ", b"\t"):
+            return self._reject(400, "header continuation line (obs-fold)")
+        else:
+            self._head_lines += 1
+            if self._head_lines - 1 > self.maxHeaders:
+                return self._reject(431, f"more than {self.maxHeaders} header fields")
+        super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:  # noqa: N802
+        name, sep, value = line.partition(b":")
+        if (
+            sep
+            and name.strip().lower() == b"transfer-encoding"
+            and value.strip(b" \t").lower() != b"chunked"
+        ):
+            # Twisted takes "identity" as no body at all: a smuggling shape.
+            self._reject(400, "Transfer-Encoding other than chunked")
+            return False
+        return bool(super().headerReceived(line))
+
+    def allHeadersReceived(self) -> None:  # noqa: N802
+        self._stop_head_timer()
+        super().allHeadersReceived()
+
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+        # LineReceiver's default drops the connection without a word.
+        if self._head_lines == 0:
+            self._reject(414, "request line longer than 16 KiB")
+        else:
+            self._reject(431, "header line longer than 16 KiB")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:  # noqa: N802
+        # Twisted's own rejections (malformed request line or header,
+        # conflicting Content-Length/Transfer-Encoding, bad chunks).
+        self._reject(400, "malformed request")
+
+    def timeoutConnection(self) -> None:  # noqa: N802
+        if self.taken_over is None:
+            super().timeoutConnection()
+
+    def _reject(self, status: int, message: str) -> None:
+        """Answer ``status`` (and ``message`` as the body), then close."""
+        if self._refused:
+            return
+        self._refused = True
+        self._stop_head_timer()
+        # No idle timeout any more, but a client that does not read its
+        # answer is cut off as after one (HTTPChannel.timeoutConnection).
+        self.setTimeout(None)
+        if self.abortTimeout is not None and self._abortingCall is None:
+            self._abortingCall = self.callLater(
+                self.abortTimeout, self.forceAbortClient
+            )
+        body = f"{status} {message}\n".encode()
+        self.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, _REASONS[status], len(body), body)
+        )
+        self.loseConnection()
+
+    def _start_head_timer(self) -> None:
+        self._stop_head_timer()
+        self._head_timer = self.callLater(self.site.head_timeout, self._head_late)
+
+    def _stop_head_timer(self) -> None:
+        timer, self._head_timer = self._head_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self.taken_over is not None or self._handlingRequest or not self.line_mode:
+            return
+        peer = self.transport.getPeer() if self.transport is not None else None
+        self.site.refused(client_key(peer) or "-", "slow request head")
+        self._reject(408, "request head not received in time")
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:  # noqa: N802
+        self.site.channels.discard(self)
+        self._stop_head_timer()
+        client, self._client = self._client, None
+        if client is not None:
+            self.site.limiter.release(client)
+        try:
+            if self.taken_over is not None:
+                self.taken_over.connectionLost(reason)
+            super().connectionLost(reason)
+        finally:
+            self.lost.callback(None)
+
+
+class ProxyRequest(Request):
+    """A Request whose ``*`` target goes to the proxy like any other, and
+    whose 400 closes the connection.
+
+    twisted.web answers ``OPTIONS *`` itself with 200 before any resource
+    runs, which would bypass --allow-client; the proxy refuses or 400s it.
+    """
+
+    def _handleStar(self) -> None:  # noqa: N802
+        site = self.site
+        assert site is not None
+        self.render(site.getResourceFor(self))
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and self.code == 400 and self.channel is not None:
+            # The bytes behind a request the proxy could not make sense of
+            # (a Host contradicting the URL …) are not served either.
+            self.channel.persistent = False
+            self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        super().write(data)
+
+
+class ProxySite(Site):
+    """A Site that leaves access logging to cachingproxy's own access log,
+    keeps track of its connections so that shutdown can close them, and
+    counts them per client address (``--max-client-connections``)."""
+
+    displayTracebacks = False
+    noisy = False
+    protocol = Channel  # type: ignore[assignment]
+    requestFactory = ProxyRequest
+    head_timeout = HEAD_TIMEOUT
+    """Seconds for a request head (tests make it short)."""
+
+    def __init__(self, resource: Any, max_client_connections: int = 256) -> None:
+        super().__init__(resource, timeout=IDLE_TIMEOUT)
+        self.channels: set[Channel] = set()
+        self.limiter = ConnectionLimiter(max_client_connections)
+        self._refusals = RateLimitedLog(self.reactor)
+
+    def refused(self, client: str, why: str = "") -> None:
+        """Log a refused connection (rate-limited per client address)."""
+        suppressed = self._refusals.allow(client)
+        if suppressed is None:
+            return
+        if why:
+            _log.info(
+                "closed {client}: {why}{more}",
+                client=client,
+                why=why,
+                more=held_back(suppressed),
+            )
+        else:
+            _log.warn(
+                "refused a connection from {client}: it holds {n} already"
+                " (--max-client-connections){more}",
+                client=client,
+                n=self.limiter.open(client),
+                more=held_back(suppressed),
+            )
+
+    def log(self, request: Any) -> None:
+        pass
+
+    def close_connections(self) -> defer.Deferred[None]:
+        """Drop every client connection; fires when all are gone."""
+        channels = list(self.channels)
+        for channel in channels:
+            channel.transport.abortConnection()  # type: ignore[union-attr]
+        return defer.DeferredList([c.lost for c in channels]).addCallback(
+            lambda _: None
+        )
+
+
+__all__ = [
+    "HEAD_TIMEOUT",
+    "IDLE_TIMEOUT",
+    "MAX_HEADERS",
+    "Channel",
+    "ProxyRequest",
+    "ProxySite",
+]

@@ -1,0 +1,149 @@
+"""Writing responses to clients: headers, errors, passthrough bodies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.http import datetimeToString
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from twisted.web.server import Request
+
+from cachingproxy.cache import headers as H
+from cachingproxy.cache.entry import Header
+from cachingproxy.ops.stats import upstream_error_kind
+
+_OWN = frozenset({"content-length", "age", "x-cache", "via"})
+
+
+def set_head(
+    request: Request,
+    status: int,
+    upstream_headers: Iterable[Header],
+    *,
+    cache: str,
+    via: str,
+    age: float | None = None,
+    length: int | None = None,
+    phrase: str | None = None,
+    upstream: str | None = None,
+) -> None:
+    """Status and headers for the client: the upstream's end-to-end headers
+    plus ``Content-Length``, ``Age``, ``Via`` and ``X-Cache``."""
+    request.setResponseCode(status, phrase.encode("latin-1") if phrase else None)
+    out = Headers()
+    vias = []
+    has_date = False
+    for name, value in H.end_to_end(upstream_headers):
+        lname = name.lower()
+        if lname == "via":
+            vias.append(value)
+        elif lname not in _OWN:
+            has_date = has_date or lname == "date"
+            out.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+    if not has_date:
+        out.setRawHeaders(b"Date", [datetimeToString()])
+    vias.append(via)
+    out.setRawHeaders(b"Via", [", ".join(vias).encode("latin-1")])
+    out.setRawHeaders(b"X-Cache", [cache.encode("ascii")])
+    if upstream is not None:
+        out.setRawHeaders(b"X-Cache-Upstream", [upstream.encode("latin-1")])
+    if age is not None:
+        out.setRawHeaders(b"Age", [b"%d" % int(age)])
+    if length is not None:
+        out.setRawHeaders(b"Content-Length", [b"%d" % length])
+    request.responseHeaders = out
+    # A stored response without Content-Type must not get twisted's default.
+    request.defaultContentType = None
+
+
+def send_error(
+    request: Request, status: int, message: str, *, cache: str, via: str
+) -> None:
+    """A short plain-text error page."""
+    body = f"{status} {message}\n".encode("utf-8", "replace")
+    set_head(
+        request,
+        status,
+        [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")],
+        cache=cache,
+        via=via,
+        length=len(body),
+    )
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+def abort(request: Request) -> None:
+    """Cut the client's connection so a truncated body is seen as an error."""
+    transport = request.channel.transport if request.channel else None
+    if transport is None:
+        return
+    abort_connection = getattr(transport, "abortConnection", None)
+    if abort_connection is not None:
+        abort_connection()
+    else:
+        transport.loseConnection()
+
+
+class PassThrough(Protocol):
+    """Streams an unstored upstream body to one client, with backpressure."""
+
+    def __init__(
+        self,
+        request: Request,
+        response: IResponse,
+        *,
+        on_data: Callable[[int], None] = lambda n: None,
+        on_error: Callable[[str], None] = lambda kind: None,
+        on_done: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._on_done = on_done
+        self._on_data = on_data
+        self._on_error = on_error
+        self._request = request
+        self._length = response.length if isinstance(response.length, int) else None
+        self.received = 0
+        self.finished = False
+        self._client_gone = False
+        request.notifyFinish().addErrback(self._client_lost)
+
+    def _client_lost(self, _: Failure) -> None:
+        self._client_gone = True
+        if self.transport is not None and not self.finished:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionMade(self) -> None:  # noqa: N802
+        if self._client_gone:
+            self.transport.stopProducing()  # type: ignore[union-attr]
+            return
+        self._request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += len(data)
+        self._on_data(len(data))
+        if not self._client_gone:
+            self._request.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802,B008
+        self.finished = True
+        self._on_done()
+        if self._client_gone:
+            return
+        self._request.unregisterProducer()
+        complete = reason.check(ResponseDone) or (
+            reason.check(PotentialDataLoss) and self._length is None
+        )
+        if complete:
+            self._request.finish()
+        else:
+            self._on_error(upstream_error_kind(reason))
+            abort(self._request)
+
+
+__all__ = ["PassThrough", "abort", "send_error", "set_head"]

@@ -1,0 +1,1 @@
+"""Mirrors: mounted upstreams, presets, and the rewriting of index documents."""

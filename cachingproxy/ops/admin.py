@@ -1,0 +1,96 @@
+"""Admin actions on the proxy's own surface: purging entries (SPEC 9)."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import json
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
+
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from cachingproxy.cache.policy import BadURL, normalize_url
+from cachingproxy.front.responses import send_error, set_head
+
+if TYPE_CHECKING:
+    from cachingproxy.proxy import Proxy
+
+_log = Logger()
+
+
+def is_authorised(request: Request, token: str | None) -> bool:
+    """Loopback clients, or ``Authorization: Bearer TOKEN`` when a token is set."""
+    host = getattr(request.getClientAddress(), "host", None)
+    if host is None:
+        return True  # a UNIX socket: only local users can reach it
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip is not None and ip.is_loopback:
+        return True
+    if token is None:
+        return False
+    supplied = (request.getHeader(b"authorization") or b"").decode("latin-1")
+    scheme, _, value = supplied.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        value.strip().encode(), token.encode()
+    )
+
+
+async def purge(request: Request, query: str, proxy: Proxy) -> None:
+    """``DELETE /cache?url=URL`` or ``?prefix=URL``: answer ``{"removed": N}``."""
+    if not is_authorised(request, proxy.config.admin_token):
+        _log.warn(
+            "refused purge from {client}",
+            client=getattr(request.getClientAddress(), "host", "?"),
+        )
+        send_error(request, 403, "purge not allowed", cache="-", via=proxy.via)
+        return
+    args = parse_qs(query, keep_blank_values=True)
+    urls, prefixes = args.get("url", []), args.get("prefix", [])
+    if len(urls) + len(prefixes) != 1:
+        send_error(
+            request,
+            400,
+            "give exactly one of url= or prefix=",
+            cache="-",
+            via=proxy.via,
+        )
+        return
+    if urls:
+        try:
+            url = normalize_url(urls[0])
+        except BadURL as e:
+            send_error(request, 400, str(e), cache="-", via=proxy.via)
+            return
+        removed = await proxy.purge_url(url)
+        what = url
+    else:
+        prefix = prefixes[0]
+        if prefix.count("/") >= 3:
+            with contextlib.suppress(BadURL):
+                # Normalise the scheme and host part the same way keys are.
+                prefix = normalize_url(prefix)
+        else:
+            # Only a scheme and (part of) a host: keys have them in lower case.
+            prefix = prefix.lower()
+        removed = await proxy.purge_prefix(prefix)
+        what = f"prefix {prefix}"
+    _log.info("purged {what}: {n} entries", what=what, n=removed)
+    body = json.dumps({"removed": removed}).encode()
+    set_head(
+        request,
+        200,
+        [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
+        cache="-",
+        via=proxy.via,
+        length=len(body),
+    )
+    request.write(body)
+    request.finish()

@@ -1,0 +1,1 @@
+"""TLS: CONNECT tunnels, SNI interception, the local CA."""
