@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.internet.error import (
     ConnectionDone,
 )
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
@@ -23,23 +24,34 @@ from cachingproxy import __version__
 from cachingproxy.cache import headers as H
 from cachingproxy.cache import policy
 from cachingproxy.cache.entry import Header, StoredResponse
+from cachingproxy.cache.status import CacheStatus
 from cachingproxy.config import ProxyConfig, Rule
 from cachingproxy.errors import BodyMissing
 from cachingproxy.fetch.download import (
     Download,
     Downloads,
     FetchSettings,
-    Kind,
-    Outcome,
     PassingThrough,
 )
-from cachingproxy.fetch.outcomes import describe, drain, error_status, plan_range
+from cachingproxy.fetch.outcomes import (
+    Discard,
+    Outcome,
+    OutcomeKind,
+    describe,
+    error_status,
+    plan_range,
+)
 from cachingproxy.front.auth import ProxyAuth, send_auth_required
 from cachingproxy.front.exchange import Exchange
 from cachingproxy.front.origdst import original_destination
-from cachingproxy.front.responses import PassThrough, abort, send_error
-from cachingproxy.front.routing import BadRequest, Listener, classify
-from cachingproxy.front.routing import Kind as RouteKind
+from cachingproxy.front.responses import (
+    PassThrough,
+    abort,
+    client_gone,
+    send_error,
+)
+from cachingproxy.front.routing import BadRequest, Listener, RouteKind, classify
+from cachingproxy.front.surface import Surface
 from cachingproxy.interfaces import ICacheStore, IUpstream
 from cachingproxy.mirror import documents
 from cachingproxy.mirror.mirrors import MirrorTable, Target
@@ -95,7 +107,7 @@ class Proxy(MirrorServing):
         config: ProxyConfig,
         store: ICacheStore,
         upstream: IUpstream,
-        clock: Any,
+        clock: IReactorTime,
         *,
         access_log: Callable[[dict[str, Any]], None] | None = None,
         stats: Stats | None = None,
@@ -109,7 +121,7 @@ class Proxy(MirrorServing):
         """--proxy-auth: every request but those addressed to the proxy itself
         (its pages and mirrors) and those inside an intercepted tunnel (whose
         CONNECT was checked) needs Proxy-Authorization."""
-        self.config = config
+        self._config = config
         self.store = store
         self.upstream = upstream
         self.clock = clock
@@ -137,6 +149,33 @@ class Proxy(MirrorServing):
         self.digests: OrderedDict[str, Digest] = OrderedDict()
         """Digests published by index documents served, by the cache key of
         the file they describe (bounded, oldest dropped)."""
+        self.surface = self._surface()
+
+    def _surface(self) -> Surface:
+        return Surface(
+            via=self.via,
+            clock=self.clock,
+            stats=self.stats,
+            config=self._config,
+            upstream=self.upstream,
+            error=self._error,
+            log_tunnel=self.log_tunnel,
+            purge_url=self.purge_url,
+            purge_prefix=self.purge_prefix,
+            intercepts=self.intercepts,
+            ca=self.ca,
+        )
+
+    @property
+    def config(self) -> ProxyConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: ProxyConfig) -> None:
+        """Replace the configuration (tests set ports known only once
+        listening); the narrow surface handed to other parts follows."""
+        self._config = config
+        self.surface = self._surface()
 
     # -- entry point -----------------------------------------------------------
 
@@ -184,13 +223,13 @@ class Proxy(MirrorServing):
             if await self.auth.check(header, host or "-") is None:
                 return send_auth_required(request, self.via)
         if route.kind is RouteKind.CONNECT:
-            return await handle_connect(self, request, route.url, info)
+            return await handle_connect(self.surface, request, route.url, info)
         if route.kind is RouteKind.SELF:
             match = self.mirrors.match(route.path) if self.mirrors else None
             if match is not None:
                 return await self._mirror(request, match, method, info)
             info.own_page = True
-            return await pages.render(request, route.path, self)
+            return await pages.render(request, route.path, self.surface)
         info.url = route.url
         info.upstream = route.url.split("/", 3)[2]
         client_headers = pairs_from_headers(request.requestHeaders)
@@ -201,12 +240,14 @@ class Proxy(MirrorServing):
 
     def crashed(self, failure: Failure, request: Request) -> None:
         _log.failure("error while serving {uri!r}", failure, uri=request.uri)
-        if request.finished or request._disconnected:
+        if request.finished or client_gone(request):
             return
         if request.startedWriting:
             abort(request)
         else:
-            send_error(request, 500, "internal error", cache="-", via=self.via)
+            send_error(
+                request, 500, "internal error", cache=CacheStatus.NONE, via=self.via
+            )
 
     # -- checks ----------------------------------------------------------------
 
@@ -249,19 +290,19 @@ class Proxy(MirrorServing):
                 rule, client_headers, age
             ):
                 return await self._serve_entry(
-                    request, entry, "HIT", client_headers, info
+                    request, entry, CacheStatus.HIT, client_headers, info
                 )
             if self.config.offline:
                 return await self._serve_entry(
-                    request, entry, "OFFLINE", client_headers, info
+                    request, entry, CacheStatus.OFFLINE, client_headers, info
                 )
         elif self.config.offline:
             return self._error(
-                request, 504, "not cached and --offline", info, "OFFLINE"
+                request, 504, "not cached and --offline", info, CacheStatus.OFFLINE
             )
         if head_only and entry is None:
             return await self._bypass(
-                request, url, "HEAD", client_headers, info, "MISS"
+                request, url, "HEAD", client_headers, info, CacheStatus.MISS
             )
         download = self.downloads.get(url)
         if download is None:
@@ -269,7 +310,7 @@ class Proxy(MirrorServing):
                 url, rule, client_headers, entry, shared=True, target=info.mirror
             )
         outcome = await download.wait(client_headers)
-        if outcome.kind is Kind.RETRY:
+        if outcome.kind is OutcomeKind.RETRY:
             # Another variant (or a passthrough another client took): the
             # clients of one variant share one download of it.
             variant = policy.variant_of(download.vary, client_headers)
@@ -278,7 +319,7 @@ class Proxy(MirrorServing):
             )
             if sibling is not None:
                 outcome = await sibling.wait(client_headers)
-            if sibling is None or outcome.kind is Kind.RETRY:
+            if sibling is None or outcome.kind is OutcomeKind.RETRY:
                 sibling = self._new_download(
                     url,
                     rule,
@@ -345,16 +386,18 @@ class Proxy(MirrorServing):
         client_headers: list[Header],
         info: Exchange,
     ) -> None:
-        if outcome.kind is Kind.STREAM:
+        if outcome.kind is OutcomeKind.STREAM:
             return await self._follow(request, download, outcome, client_headers, info)
-        if outcome.kind is Kind.NOT_MODIFIED:
+        if outcome.kind is OutcomeKind.NOT_MODIFIED:
             assert outcome.entry is not None
             return await self._serve_entry(
-                request, outcome.entry, "REVALIDATED", client_headers, info
+                request, outcome.entry, CacheStatus.REVALIDATED, client_headers, info
             )
-        if outcome.kind is Kind.PASSTHROUGH:
+        if outcome.kind is OutcomeKind.PASSTHROUGH:
             assert outcome.response is not None
-            return self._pass_through(request, outcome.response, outcome, "MISS", info)
+            return self._pass_through(
+                request, outcome.response, outcome, CacheStatus.MISS, info
+            )
         # ERROR (or a second RETRY, which cannot normally happen)
         now = self.clock.seconds()
         if stale is not None and policy.stale_allowed(
@@ -371,16 +414,16 @@ class Proxy(MirrorServing):
                 why=describe(outcome),
             )
             return await self._serve_entry(
-                request, stale, "STALE", client_headers, info
+                request, stale, CacheStatus.STALE, client_headers, info
             )
         status, message = error_status(outcome)
-        return self._error(request, status, message, info, "MISS")
+        return self._error(request, status, message, info, CacheStatus.MISS)
 
     async def _serve_entry(
         self,
         request: Request,
         entry: StoredResponse,
-        cache: str,
+        cache: CacheStatus,
         client_headers: list[Header],
         info: Exchange,
     ) -> None:
@@ -444,7 +487,7 @@ class Proxy(MirrorServing):
             return
         except ConnectionDone:
             return
-        if not request._disconnected:
+        if not client_gone(request):
             request.finish()
 
     async def _follow(
@@ -456,7 +499,9 @@ class Proxy(MirrorServing):
         info: Exchange,
     ) -> None:
         # A body that is complete but not yet committed is already ours.
-        cache = info.cache = "HIT" if download.body_complete else "MISS"
+        cache = info.cache = (
+            CacheStatus.HIT if download.body_complete else CacheStatus.MISS
+        )
         if self._is_document(info, outcome.headers):
             try:
                 body = await documents.read_download(
@@ -490,7 +535,7 @@ class Proxy(MirrorServing):
         follower = download.follow(request, lambda f: done.callback([f]), start, end)
         request.notifyFinish().addErrback(lambda _: follower.stopProducing())
         (failure,) = await done
-        if request._disconnected or request.finished:
+        if client_gone(request) or request.finished:
             return
         if failure is None:
             request.finish()
@@ -506,10 +551,10 @@ class Proxy(MirrorServing):
         method: str,
         client_headers: list[Header],
         info: Exchange,
-        cache: str = "BYPASS",
+        cache: CacheStatus = CacheStatus.BYPASS,
     ) -> None:
         if self.config.offline:
-            return self._error(request, 504, "--offline", info, "OFFLINE")
+            return self._error(request, 504, "--offline", info, CacheStatus.OFFLINE)
         headers = [
             (k, v)
             for k, v in H.end_to_end(client_headers)
@@ -534,12 +579,12 @@ class Proxy(MirrorServing):
         except Exception:
             failure = Failure()
             self.stats.record_upstream_error(upstream_error_kind(failure))
-            status, message = error_status(Outcome(Kind.ERROR, failure=failure))
+            status, message = error_status(Outcome(OutcomeKind.ERROR, failure=failure))
             return self._error(request, status, message, info, cache)
         if response.code >= 500:
             self.stats.record_upstream_error("http_5xx")
         outcome = Outcome(
-            Kind.PASSTHROUGH,
+            OutcomeKind.PASSTHROUGH,
             response.code,
             response.phrase.decode("latin-1", "replace"),
             tuple(H.end_to_end(pairs_from_headers(response.headers))),
@@ -551,7 +596,7 @@ class Proxy(MirrorServing):
         request: Request,
         response: IResponse,
         outcome: Outcome,
-        cache: str,
+        cache: CacheStatus,
         info: Exchange,
     ) -> None:
         info.cache = cache
@@ -575,10 +620,10 @@ class Proxy(MirrorServing):
         if (
             request.method == b"HEAD"
             or outcome.status in (204, 304)
-            or (request._disconnected)
+            or client_gone(request)
         ):
-            response.deliverBody(drain())
-            if not request._disconnected:
+            response.deliverBody(Discard())
+            if not client_gone(request):
                 request.finish()
             return
         flight = PassingThrough(info.url, length, self.clock.seconds())
@@ -600,17 +645,17 @@ class Proxy(MirrorServing):
 
     # -- admin ------------------------------------------------------------------
 
-    async def purge_url(self, url: str) -> int:
+    def purge_url(self, url: str) -> defer.Deferred[int]:
         """Drop every variant of ``url``, including one being downloaded."""
         for download in self.downloads.matching(lambda u: u == url):
             download.purge()
-        return await self.store.remove(url)
+        return self.store.remove(url)
 
-    async def purge_prefix(self, prefix: str) -> int:
+    def purge_prefix(self, prefix: str) -> defer.Deferred[int]:
         """Drop every entry whose URL starts with ``prefix``."""
         for download in self.downloads.matching(lambda u: u.startswith(prefix)):
             download.purge()
-        return await self.store.remove_prefix(prefix)
+        return self.store.remove_prefix(prefix)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -624,10 +669,10 @@ class Proxy(MirrorServing):
         status: int,
         message: str,
         info: Exchange,
-        cache: str = "-",
+        cache: CacheStatus = CacheStatus.NONE,
     ) -> None:
         info.cache = cache
-        if not request._disconnected and not request.finished:
+        if not client_gone(request) and not request.finished:
             send_error(request, status, message, cache=cache, via=self.via)
 
     def intercepts(self, host: str) -> bool:

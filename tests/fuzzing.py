@@ -30,7 +30,7 @@ from cachingproxy.cache.store.memory import MemoryStore
 from cachingproxy.config import ProxyConfig
 from cachingproxy.errors import DestinationRefused
 from cachingproxy.front.channel import ProxySite as _QuietSite
-from cachingproxy.front.routing import BadRequest, Kind, Listener, classify
+from cachingproxy.front.routing import BadRequest, Listener, RouteKind, classify
 from cachingproxy.interfaces import IUpstream
 from cachingproxy.proxy import Proxy, ProxyResource
 
@@ -451,7 +451,7 @@ def check_router(
         return []
     except Exception as e:
         return [f"classify raised {e!r}"]
-    if route.kind in (Kind.FORWARD, Kind.TRANSPARENT):
+    if route.kind in (RouteKind.FORWARD, RouteKind.TRANSPARENT):
         if not route.url.startswith(("http://", "https://")):
             return [f"not an http(s) URL: {route}"]
         try:
@@ -460,9 +460,9 @@ def check_router(
             return [f"normalize_url({route.url!r}) raised {e!r}"]
         if again != route.url:
             return [f"normalising again: {route.url!r} -> {again!r}"]
-    elif route.kind is Kind.SELF and not route.path.startswith("/"):
+    elif route.kind is RouteKind.SELF and not route.path.startswith("/"):
         return [f"own-page path without /: {route}"]
-    elif route.kind is Kind.CONNECT and method != "CONNECT":
+    elif route.kind is RouteKind.CONNECT and method != "CONNECT":
         return [f"CONNECT route for {method!r}"]
     return []
 

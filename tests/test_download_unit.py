@@ -26,7 +26,8 @@ from cachingproxy.cache import policy
 from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.store import MemoryStore
 from cachingproxy.errors import UpstreamTimeout
-from cachingproxy.fetch.download import Download, Downloads, FetchSettings, Kind
+from cachingproxy.fetch.download import Download, Downloads, FetchSettings
+from cachingproxy.fetch.outcomes import OutcomeKind
 from cachingproxy.interfaces import IUpstream
 
 IMMUTABLE, METADATA, ORIGIN = policy.default_rules(300.0)
@@ -192,7 +193,7 @@ class DownloadTestCase(TestCase):
         outcome = download.wait([])
         response = FakeResponse(200, headers or [], length)
         self.upstream.answer(response)
-        self.assertEqual(self.successResultOf(outcome).kind, Kind.STREAM)
+        self.assertEqual(self.successResultOf(outcome).kind, OutcomeKind.STREAM)
         return download, response
 
 
@@ -343,7 +344,9 @@ class BrokenBodyTests(DownloadTestCase):
         download, response = self.streaming(length=10)
         response.push(b"01")
         response.end(ResponseFailed([Failure(ConnectionLost())]))
-        self.assertEqual(self.successResultOf(download.wait([])).kind, Kind.RETRY)
+        self.assertEqual(
+            self.successResultOf(download.wait([])).kind, OutcomeKind.RETRY
+        )
 
     def test_short_body_stores_nothing(self) -> None:
         """A body shorter than its Content-Length is not stored even if the
@@ -399,7 +402,7 @@ class BrokenBodyTests(DownloadTestCase):
         outcome = download.wait([])
         response = FakeResponse(200, [], UNKNOWN_LENGTH)
         self.upstream.answer(response)
-        self.assertEqual(self.successResultOf(outcome).kind, Kind.STREAM)
+        self.assertEqual(self.successResultOf(outcome).kind, OutcomeKind.STREAM)
         a = self.follow(download)
         response.push(b"0123456789")
         response.end()
@@ -412,7 +415,7 @@ class BrokenBodyTests(DownloadTestCase):
         download = self.download(max_object_size=4)
         outcome = download.wait([])
         self.upstream.answer(FakeResponse(200, [], 10))
-        self.assertEqual(self.successResultOf(outcome).kind, Kind.PASSTHROUGH)
+        self.assertEqual(self.successResultOf(outcome).kind, OutcomeKind.PASSTHROUGH)
 
 
 class OutcomeTests(DownloadTestCase):
@@ -451,7 +454,7 @@ class OutcomeTests(DownloadTestCase):
             FakeResponse(304, [("ETag", '"v1"'), ("Cache-Control", "max-age=99")], 0)
         )
         result = self.successResultOf(outcome)
-        self.assertEqual(result.kind, Kind.NOT_MODIFIED)
+        self.assertEqual(result.kind, OutcomeKind.NOT_MODIFIED)
         assert result.entry is not None
         self.assertEqual(result.entry.stored_at, START)
         self.assertEqual(result.entry.header("cache-control"), "max-age=99")
@@ -469,7 +472,7 @@ class OutcomeTests(DownloadTestCase):
         download = self.download(stale=stale)
         outcome = download.wait([])
         self.upstream.answer(FakeResponse(304, [("ETag", '"v1"')], 0))
-        self.assertEqual(self.successResultOf(outcome).kind, Kind.RETRY)
+        self.assertEqual(self.successResultOf(outcome).kind, OutcomeKind.RETRY)
 
     def test_server_error(self) -> None:
         """A 5xx is an ERROR outcome carrying the status; nothing is stored."""
@@ -478,7 +481,7 @@ class OutcomeTests(DownloadTestCase):
         response = FakeResponse(503, [], 0, b"Service Unavailable")
         self.upstream.answer(response)
         result = self.successResultOf(outcome)
-        self.assertEqual((result.kind, result.status), (Kind.ERROR, 503))
+        self.assertEqual((result.kind, result.status), (OutcomeKind.ERROR, 503))
         self.assertEqual(result.phrase, "Service Unavailable")
         self.assertEqual(self.stored(), [])
         self.assertNotIn(URL, self.downloads.in_flight)
@@ -489,7 +492,7 @@ class OutcomeTests(DownloadTestCase):
         outcome = download.wait([])
         self.upstream.requests[0][3].errback(ConnectionRefusedError())
         result = self.successResultOf(outcome)
-        self.assertEqual(result.kind, Kind.ERROR)
+        self.assertEqual(result.kind, OutcomeKind.ERROR)
         assert result.failure is not None
         self.assertTrue(result.failure.check(ConnectionRefusedError))
         self.assertNotIn(URL, self.downloads.in_flight)
@@ -503,10 +506,12 @@ class OutcomeTests(DownloadTestCase):
         response = FakeResponse(200, [("Cache-Control", "no-store")], 4)
         self.upstream.answer(response)
         result = self.successResultOf(first)
-        self.assertEqual(result.kind, Kind.PASSTHROUGH)
+        self.assertEqual(result.kind, OutcomeKind.PASSTHROUGH)
         self.assertIs(result.response, response)
-        self.assertEqual(self.successResultOf(second).kind, Kind.RETRY)
-        self.assertEqual(self.successResultOf(download.wait([])).kind, Kind.RETRY)
+        self.assertEqual(self.successResultOf(second).kind, OutcomeKind.RETRY)
+        self.assertEqual(
+            self.successResultOf(download.wait([])).kind, OutcomeKind.RETRY
+        )
         self.assertEqual(self.stored("http://example.com/page"), [])
         self.assertIsNone(response.protocol, "the body is the first waiter's to read")
 
@@ -519,7 +524,9 @@ class OutcomeTests(DownloadTestCase):
         self.assertIsNotNone(response.protocol)
         response.push(b"data")
         response.end()
-        self.assertEqual(self.successResultOf(download.wait([])).kind, Kind.PASSTHROUGH)
+        self.assertEqual(
+            self.successResultOf(download.wait([])).kind, OutcomeKind.PASSTHROUGH
+        )
 
     def test_variant_mismatch_retries(self) -> None:
         """A waiter whose Vary'd request headers differ from the download's
@@ -532,8 +539,8 @@ class OutcomeTests(DownloadTestCase):
         other = download.wait([("Accept", "application/vnd.pypi.simple.v1+json")])
         response = FakeResponse(200, [("Vary", "Accept")], 2)
         self.upstream.answer(response)
-        self.assertEqual(self.successResultOf(same).kind, Kind.STREAM)
-        self.assertEqual(self.successResultOf(other).kind, Kind.RETRY)
+        self.assertEqual(self.successResultOf(same).kind, OutcomeKind.STREAM)
+        self.assertEqual(self.successResultOf(other).kind, OutcomeKind.RETRY)
         self.assertEqual(download.vary, ("accept",))
         response.push(b"ok")
         response.end()
@@ -553,5 +560,5 @@ class OutcomeTests(DownloadTestCase):
         same = download.wait(html)
         other = download.wait([("Accept", "application/json")])
         self.upstream.answer(FakeResponse(304, [("ETag", '"v1"')], 0))
-        self.assertEqual(self.successResultOf(same).kind, Kind.NOT_MODIFIED)
-        self.assertEqual(self.successResultOf(other).kind, Kind.RETRY)
+        self.assertEqual(self.successResultOf(same).kind, OutcomeKind.NOT_MODIFIED)
+        self.assertEqual(self.successResultOf(other).kind, OutcomeKind.RETRY)

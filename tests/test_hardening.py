@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from cachingproxy.front.channel import HEAD_TIMEOUT, IDLE_TIMEOUT, MAX_HEADERS
 from cachingproxy.front.channel import ProxySite as _QuietSite
 from cachingproxy.front.limits import ConnectionLimiter, RateLimitedLog, client_key
-from cachingproxy.front.routing import BadRequest, Kind, Listener, Route, classify
+from cachingproxy.front.routing import BadRequest, Listener, Route, RouteKind, classify
 from cachingproxy.service import ProxyService
 
 from .support import (
@@ -279,10 +279,10 @@ class SmugglingTests(TestCase):
         ]
         for target, host in same:
             route = classify("GET", target, host, listener)
-            self.assertEqual(route.kind, Kind.FORWARD, (target, host))
+            self.assertEqual(route.kind, RouteKind.FORWARD, (target, host))
         self.assertEqual(
             classify("GET", "http://localhost:3128/", "localhost:3128", listener),
-            Route(Kind.SELF, path="/"),
+            Route(RouteKind.SELF, path="/"),
         )
         for target, host in [
             ("http://example.com/x", "other.example"),

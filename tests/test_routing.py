@@ -8,9 +8,9 @@ from twisted.trial.unittest import TestCase
 
 from cachingproxy.front.routing import (
     BadRequest,
-    Kind,
     Listener,
     Route,
+    RouteKind,
     classify,
     is_self,
     split_host,
@@ -49,7 +49,9 @@ class ForwardTests(TestCase):
             ("http://127.0.0.1:8080/x", None, "http://127.0.0.1:8080/x"),
         ]
         for target, host, url in cases:
-            self.assertEqual(route(target, host), Route(Kind.FORWARD, url=url), target)
+            self.assertEqual(
+                route(target, host), Route(RouteKind.FORWARD, url=url), target
+            )
 
     def test_self_addressed_absolute_form(self) -> None:
         """An absolute-form http URL naming the proxy (a --name or its address,
@@ -61,7 +63,7 @@ class ForwardTests(TestCase):
             ("http://127.0.0.1:3128", "/"),
         ]
         for target, path in cases:
-            self.assertEqual(route(target), Route(Kind.SELF, path=path), target)
+            self.assertEqual(route(target), Route(RouteKind.SELF, path=path), target)
 
     def test_bad_absolute_targets(self) -> None:
         """Absolute-form targets with user info, bad hosts or ports, or
@@ -109,7 +111,7 @@ class OriginFormTests(TestCase):
         for target, host, listener in cases:
             self.assertEqual(
                 route(target, host, listener=listener),
-                Route(Kind.SELF, path=target),
+                Route(RouteKind.SELF, path=target),
                 (host, listener),
             )
 
@@ -136,7 +138,9 @@ class OriginFormTests(TestCase):
         ]
         for target, host, url in cases:
             self.assertEqual(
-                route(target, host), Route(Kind.TRANSPARENT, url=url), (target, host)
+                route(target, host),
+                Route(RouteKind.TRANSPARENT, url=url),
+                (target, host),
             )
 
     def test_missing_host(self) -> None:
@@ -147,20 +151,20 @@ class OriginFormTests(TestCase):
         self.assertRaises(BadRequest, route, "/x", "   ")
         self.assertEqual(
             route("/x", None, original=("93.184.216.34", 80)),
-            Route(Kind.TRANSPARENT, url="http://93.184.216.34/x"),
+            Route(RouteKind.TRANSPARENT, url="http://93.184.216.34/x"),
         )
         self.assertEqual(
             route("/x", "", original=("93.184.216.34", 8080)),
-            Route(Kind.TRANSPARENT, url="http://93.184.216.34:8080/x"),
+            Route(RouteKind.TRANSPARENT, url="http://93.184.216.34:8080/x"),
         )
         self.assertEqual(
             route("/x", None, original=("2001:db8::1", 80)),
-            Route(Kind.TRANSPARENT, url="http://[2001:db8::1]/x"),
+            Route(RouteKind.TRANSPARENT, url="http://[2001:db8::1]/x"),
         )
         # A connection that was not redirected arrives at the proxy itself.
         self.assertEqual(
             route("/x", None, original=("127.0.0.1", PORT)),
-            Route(Kind.SELF, path="/x"),
+            Route(RouteKind.SELF, path="/x"),
         )
 
     def test_host_header_wins_over_original_destination(self) -> None:
@@ -203,7 +207,7 @@ class ConnectTests(TestCase):
         """CONNECT is classified as a tunnel to its authority-form target."""
         self.assertEqual(
             route("example.com:443", None, method="CONNECT"),
-            Route(Kind.CONNECT, url="example.com:443"),
+            Route(RouteKind.CONNECT, url="example.com:443"),
         )
 
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from enum import Enum
-from typing import Any
 
 import attrs
 from attrs import frozen
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IConsumer, IDelayedCall
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +36,7 @@ from cachingproxy.errors import (
     UpstreamTimeout,
 )
 from cachingproxy.fetch.follower import CHUNK, Follower
+from cachingproxy.fetch.outcomes import Discard, Outcome, OutcomeKind
 from cachingproxy.fetch.spill import Spill
 from cachingproxy.fetch.upstream import headers_from_pairs, pairs_from_headers
 from cachingproxy.interfaces import IBodyWriter, ICacheStore, IPartialReader, IUpstream
@@ -45,32 +44,6 @@ from cachingproxy.mirror.rewrite import Digest
 from cachingproxy.ops.stats import upstream_error_kind
 
 _log = Logger()
-
-
-class Kind(Enum):
-    """What a download turned into, from one waiting client's point of view."""
-
-    STREAM = "stream"
-    """A storable body is arriving: follow it."""
-    NOT_MODIFIED = "not-modified"
-    """The stale entry was refreshed by a 304: serve it."""
-    ERROR = "error"
-    """Upstream failed (``failure``) or answered 5xx (``status``)."""
-    PASSTHROUGH = "passthrough"
-    """An unstorable response, handed whole to the one client that asked first."""
-    RETRY = "retry"
-    """Not usable for this client (other variant, or passthrough taken): fetch alone."""
-
-
-@frozen
-class Outcome:
-    kind: Kind
-    status: int = 0
-    phrase: str = ""
-    headers: tuple[Header, ...] = ()
-    entry: StoredResponse | None = None
-    failure: Failure | None = None
-    response: IResponse | None = None
 
 
 @frozen
@@ -96,7 +69,7 @@ class Download:
         rule: Rule,
         store: ICacheStore,
         upstream: IUpstream,
-        clock: Any,
+        clock: IReactorTime,
         settings: FetchSettings,
         mirrored: bool = False,
         fallbacks: Sequence[tuple[str, str]] = (),
@@ -253,21 +226,21 @@ class Download:
     ) -> Outcome:
         outcome = outcome or self._outcome
         assert outcome is not None
-        if outcome.kind is Kind.STREAM:
+        if outcome.kind is OutcomeKind.STREAM:
             if (
                 self.failure is not None
                 or self._spill is not None
                 or (policy.variant_of(self.vary, client_headers) != self.variant)
             ):
-                return Outcome(Kind.RETRY)
-        elif outcome.kind is Kind.NOT_MODIFIED:
+                return Outcome(OutcomeKind.RETRY)
+        elif outcome.kind is OutcomeKind.NOT_MODIFIED:
             assert outcome.entry is not None
             entry = outcome.entry
             if policy.variant_of(entry.vary, client_headers) != entry.variant:
-                return Outcome(Kind.RETRY)
-        elif outcome.kind is Kind.PASSTHROUGH:
+                return Outcome(OutcomeKind.RETRY)
+        elif outcome.kind is OutcomeKind.PASSTHROUGH:
             if self._passthrough_taken:
-                return Outcome(Kind.RETRY)
+                return Outcome(OutcomeKind.RETRY)
             self._passthrough_taken = True
         return outcome
 
@@ -276,11 +249,11 @@ class Download:
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(outcome)
-        if outcome.kind is Kind.PASSTHROUGH and not self._passthrough_taken:
+        if outcome.kind is OutcomeKind.PASSTHROUGH and not self._passthrough_taken:
             # Every client went away before the head came.
             assert outcome.response is not None
-            outcome.response.deliverBody(_Discard())
-        if outcome.kind is not Kind.STREAM:
+            outcome.response.deliverBody(Discard())
+        if outcome.kind is not OutcomeKind.STREAM:
             self._done()
 
     # -- upstream events -------------------------------------------------------
@@ -297,7 +270,7 @@ class Download:
             self.start()
             return
         self.failure = failure
-        self._decide(Outcome(Kind.ERROR, failure=failure))
+        self._decide(Outcome(OutcomeKind.ERROR, failure=failure))
 
     def _internal_error(self, failure: Failure) -> None:
         _log.failure("download of {url} failed internally", failure, url=self.url)
@@ -315,18 +288,18 @@ class Download:
                 status=status,
                 url=self.url,
             )
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             self.start()
             return None
         if self.upstream_label:
             headers.append(("X-Cache-Upstream", self.upstream_label))
         if status == 304 and self.stale is not None:
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             return defer.Deferred.fromCoroutine(self._refresh(headers))
         if status >= 500:
             self._on_upstream_error("http_5xx")
-            response.deliverBody(_Discard())
-            self._decide(Outcome(Kind.ERROR, status=status, phrase=phrase))
+            response.deliverBody(Discard())
+            self._decide(Outcome(OutcomeKind.ERROR, status=status, phrase=phrase))
             return None
         length = response.length if isinstance(response.length, int) else None
         vary = policy.parse_vary(headers)
@@ -339,7 +312,11 @@ class Download:
         ):
             self._decide(
                 Outcome(
-                    Kind.PASSTHROUGH, status, phrase, tuple(headers), response=response
+                    OutcomeKind.PASSTHROUGH,
+                    status,
+                    phrase,
+                    tuple(headers),
+                    response=response,
                 )
             )
             return None
@@ -353,10 +330,10 @@ class Download:
         try:
             entry = await self._store.update(entry)
         except BodyMissing:
-            self._decide(Outcome(Kind.RETRY))
+            self._decide(Outcome(OutcomeKind.RETRY))
             return
         self.entry = entry
-        self._decide(Outcome(Kind.NOT_MODIFIED, entry=entry))
+        self._decide(Outcome(OutcomeKind.NOT_MODIFIED, entry=entry))
 
     async def _stream(
         self,
@@ -373,7 +350,11 @@ class Download:
             _log.failure("cannot store {url}; passing it through", url=self.url)
             self._decide(
                 Outcome(
-                    Kind.PASSTHROUGH, status, phrase, tuple(headers), response=response
+                    OutcomeKind.PASSTHROUGH,
+                    status,
+                    phrase,
+                    tuple(headers),
+                    response=response,
                 )
             )
             return
@@ -381,7 +362,7 @@ class Download:
         self.variant = policy.variant_of(vary, self._client_headers)
         self.total = length
         self._status, self._headers = status, headers
-        self._decide(Outcome(Kind.STREAM, status, phrase, tuple(headers)))
+        self._decide(Outcome(OutcomeKind.STREAM, status, phrase, tuple(headers)))
         self._receiver = _BodyReceiver(self, self._clock, self._settings.read_timeout)
         response.deliverBody(self._receiver)
 
@@ -496,17 +477,12 @@ class Download:
         self._followers.discard(follower)
 
 
-class _Discard(Protocol):
-    """Reads and drops a body we do not want (keeps the connection reusable)."""
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        pass
-
-
 class _BodyReceiver(Protocol):
     """Feeds an upstream body into its download, with an idle timeout."""
 
-    def __init__(self, download: Download, clock: Any, read_timeout: float) -> None:
+    def __init__(
+        self, download: Download, clock: IReactorTime, read_timeout: float
+    ) -> None:
         self._download = download
         self._clock = clock
         self._read_timeout = read_timeout
@@ -618,6 +594,4 @@ __all__ = [
     "Downloads",
     "FetchSettings",
     "Follower",
-    "Kind",
-    "Outcome",
 ]

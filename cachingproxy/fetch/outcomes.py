@@ -1,18 +1,57 @@
-"""What to tell a client: range planning and upstream failures as statuses."""
+"""What a download turned into (:class:`Outcome`), and what to tell a
+client when upstream failed."""
 
 from __future__ import annotations
 
-from typing import Any
+from enum import Enum
 
+from attrs import frozen
 from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
+from twisted.web.iweb import IResponse
 
 from cachingproxy.cache import headers as H
 from cachingproxy.cache import policy
-from cachingproxy.cache.entry import Header
+from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.errors import DestinationRefused, UpstreamTimeout
-from cachingproxy.fetch.download import Outcome, _Discard
 from cachingproxy.fetch.upstream import DNSLookupFailed
+
+
+class OutcomeKind(Enum):
+    """What a download turned into, from one waiting client's point of view."""
+
+    STREAM = "stream"
+    """A storable body is arriving: follow it."""
+    NOT_MODIFIED = "not-modified"
+    """The stale entry was refreshed by a 304: serve it."""
+    ERROR = "error"
+    """Upstream failed (``failure``) or answered 5xx (``status``)."""
+    PASSTHROUGH = "passthrough"
+    """An unstorable response, handed whole to the one client that asked first."""
+    RETRY = "retry"
+    """Not usable for this client (other variant, or passthrough taken): fetch alone."""
+
+
+@frozen
+class Outcome:
+    """What a download (or an uncached request) got from upstream."""
+
+    kind: OutcomeKind
+    status: int = 0
+    phrase: str = ""
+    headers: tuple[Header, ...] = ()
+    entry: StoredResponse | None = None
+    failure: Failure | None = None
+    response: IResponse | None = None
+
+
+class Discard(Protocol):
+    """Reads and drops a body we do not want (keeps the connection reusable)."""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        pass
 
 
 def plan_range(
@@ -31,11 +70,6 @@ def plan_range(
         return status, 0, size, []
     start, end = byte_range.start, byte_range.end
     return 206, start, end, [("Content-Range", f"bytes {start}-{end - 1}/{size}")]
-
-
-def drain() -> Any:
-    """A protocol that reads and drops a body."""
-    return _Discard()
 
 
 def describe(outcome: Outcome) -> str:
@@ -69,4 +103,11 @@ def error_status(outcome: Outcome) -> tuple[int, str]:
     return 502, f"upstream failed: {failure.getErrorMessage()}"
 
 
-__all__ = ["describe", "drain", "error_status", "plan_range"]
+__all__ = [
+    "Discard",
+    "Outcome",
+    "OutcomeKind",
+    "describe",
+    "error_status",
+    "plan_range",
+]

@@ -32,7 +32,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Request
 
 from cachingproxy.front.limits import RateLimitedLog, held_back
-from cachingproxy.front.responses import set_head
+from cachingproxy.front.responses import client_gone, set_head
 
 _log = Logger()
 
@@ -353,14 +353,13 @@ def _stat_key(path: str) -> tuple[int, int, int] | None:
 
 def send_auth_required(request: Request, via: str) -> None:
     """``407`` with the ``Proxy-Authenticate`` challenge."""
-    if request._disconnected or request.finished:
+    if client_gone(request) or request.finished:
         return
     body = b"407 proxy authentication required\n"
     set_head(
         request,
         407,
         [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")],
-        cache="-",
         via=via,
         length=len(body),
     )

@@ -15,6 +15,7 @@ from twisted.web.server import Request
 
 from cachingproxy.cache import headers as H
 from cachingproxy.cache.entry import Header
+from cachingproxy.cache.status import CacheStatus
 from cachingproxy.ops.stats import upstream_error_kind
 
 _OWN = frozenset({"content-length", "age", "x-cache", "via"})
@@ -25,7 +26,7 @@ def set_head(
     status: int,
     upstream_headers: Iterable[Header],
     *,
-    cache: str,
+    cache: CacheStatus = CacheStatus.NONE,
     via: str,
     age: float | None = None,
     length: int | None = None,
@@ -61,8 +62,19 @@ def set_head(
     request.defaultContentType = None
 
 
+def client_gone(request: Request) -> bool:
+    """Whether the client of ``request`` has gone away (its connection was
+    lost): the one place that reads Twisted's private request state."""
+    return bool(request._disconnected)
+
+
 def send_error(
-    request: Request, status: int, message: str, *, cache: str, via: str
+    request: Request,
+    status: int,
+    message: str,
+    *,
+    cache: CacheStatus = CacheStatus.NONE,
+    via: str,
 ) -> None:
     """A short plain-text error page."""
     body = f"{status} {message}\n".encode("utf-8", "replace")
@@ -146,4 +158,4 @@ class PassThrough(Protocol):
             abort(self._request)
 
 
-__all__ = ["PassThrough", "abort", "send_error", "set_head"]
+__all__ = ["PassThrough", "abort", "client_gone", "send_error", "set_head"]

@@ -20,7 +20,9 @@ class BadRequest(Exception):
     """The request cannot be routed; the message says why (400)."""
 
 
-class Kind(Enum):
+class RouteKind(Enum):
+    """How a request is served (SPEC 2)."""
+
     CONNECT = "connect"
     FORWARD = "forward"
     TRANSPARENT = "transparent"
@@ -29,7 +31,7 @@ class Kind(Enum):
 
 @frozen
 class Route:
-    kind: Kind
+    kind: RouteKind
     url: str = ""
     """Normalised absolute URL for FORWARD and TRANSPARENT."""
     path: str = ""
@@ -89,7 +91,7 @@ def classify(
         origin.
     """
     if method == "CONNECT":
-        return Route(Kind.CONNECT, url=target)
+        return Route(RouteKind.CONNECT, url=target)
     lower = target[:8].lower()
     if lower.startswith(("http://", "https://")):
         try:
@@ -106,8 +108,8 @@ def classify(
             # Two servers could each believe another target (SPEC 8).
             raise BadRequest("the Host header names another host than the URL")
         if url.startswith("http:") and is_self(host, port, listener):
-            return Route(Kind.SELF, path="/" + url.split("/", 3)[3])
-        return Route(Kind.FORWARD, url=url)
+            return Route(RouteKind.SELF, path="/" + url.split("/", 3)[3])
+        return Route(RouteKind.FORWARD, url=url)
     if not target.startswith("/"):
         raise BadRequest(f"bad request target {target[:100]!r}")
     if host_header is None or not host_header.strip():
@@ -124,20 +126,20 @@ def classify(
         original_destination[0], original_destination[1], listener
     )
     if not redirected and is_self(host, port, listener):
-        return Route(Kind.SELF, path=target)
+        return Route(RouteKind.SELF, path=target)
     netloc = host if port == 80 else f"{host}:{port}"
     try:
         url = normalize_url(f"http://{netloc}{target}")
     except BadURL as e:
         raise BadRequest(str(e)) from None
-    return Route(Kind.TRANSPARENT, url=url)
+    return Route(RouteKind.TRANSPARENT, url=url)
 
 
 __all__ = [
     "BadRequest",
-    "Kind",
     "Listener",
     "Route",
+    "RouteKind",
     "classify",
     "is_self",
     "split_host",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
@@ -20,11 +21,13 @@ from twisted.web.server import Request
 from cachingproxy.cache import headers as H
 from cachingproxy.cache import policy
 from cachingproxy.cache.entry import Header, StoredResponse
+from cachingproxy.cache.status import CacheStatus
 from cachingproxy.config import FOREVER, ProxyConfig, Rule
-from cachingproxy.fetch.download import Download, Downloads, Kind, Outcome
+from cachingproxy.fetch.download import Download, Downloads
+from cachingproxy.fetch.outcomes import Outcome, OutcomeKind
 from cachingproxy.fetch.upstream import pairs_from_headers
 from cachingproxy.front.exchange import Exchange
-from cachingproxy.front.responses import set_head
+from cachingproxy.front.responses import client_gone, set_head
 from cachingproxy.interfaces import ICacheStore
 from cachingproxy.mirror import documents
 from cachingproxy.mirror.mirrors import MirrorMatch, MirrorTable, Target
@@ -47,7 +50,7 @@ class MirrorServing:
 
     config: ProxyConfig
     store: ICacheStore
-    clock: Any
+    clock: IReactorTime
     via: str
     rules: tuple[Rule, ...]
     downloads: Downloads
@@ -74,7 +77,7 @@ class MirrorServing:
             method: str,
             client_headers: list[Header],
             info: Exchange,
-            cache: str = "BYPASS",
+            cache: CacheStatus = CacheStatus.BYPASS,
         ) -> None: ...
 
         def _new_download(
@@ -94,7 +97,7 @@ class MirrorServing:
             status: int,
             message: str,
             info: Exchange,
-            cache: str = "-",
+            cache: CacheStatus = CacheStatus.NONE,
         ) -> None: ...
 
     async def _mirror(
@@ -158,8 +161,10 @@ class MirrorServing:
             docs.append((upstream_url, body))
             first = first or (status, headers)
         if first is None:
-            return self._error(request, 404, "no upstream has this page", info, "MISS")
-        cache = "MISS" if "MISS" in caches else sorted(caches)[0]
+            return self._error(
+                request, 404, "no upstream has this page", info, CacheStatus.MISS
+            )
+        cache = CacheStatus.MISS if CacheStatus.MISS in caches else sorted(caches)[0]
         headers = [
             (k, v)
             for k, v in first[1]
@@ -172,7 +177,7 @@ class MirrorServing:
 
     async def _fetch_document(
         self, url: str, rule: Rule, client_headers: list[Header]
-    ) -> tuple[int, list[Header], bytes, str] | None:
+    ) -> tuple[int, list[Header], bytes, CacheStatus] | None:
         """One upstream's document through the cache, whole; None on failure."""
         entry = policy.select_variant(await self.store.lookup(url), client_headers)
         now = self.clock.seconds()
@@ -182,7 +187,7 @@ class MirrorServing:
             or policy.is_fresh(rule, entry, now, cfg.index_ttl, cfg.negative_ttl)
         ):
             body = await documents.read_entry(self.store, entry, MAX_DOCUMENT)
-            return entry.status, list(entry.headers), body, "HIT"
+            return entry.status, list(entry.headers), body, CacheStatus.HIT
         if cfg.offline:
             return None
         download = self.downloads.get(url) or self._new_download(
@@ -195,25 +200,25 @@ class MirrorServing:
         )
         outcome = await download.wait(client_headers)
         try:
-            if outcome.kind is Kind.STREAM:
+            if outcome.kind is OutcomeKind.STREAM:
                 reader = download.open_reader()
                 body = await documents.read_download(download, reader, MAX_DOCUMENT)
-                return outcome.status, list(outcome.headers), body, "MISS"
-            if outcome.kind is Kind.NOT_MODIFIED and outcome.entry is not None:
+                return outcome.status, list(outcome.headers), body, CacheStatus.MISS
+            if outcome.kind is OutcomeKind.NOT_MODIFIED and outcome.entry is not None:
                 body = await documents.read_entry(
                     self.store, outcome.entry, MAX_DOCUMENT
                 )
-                return 200, list(outcome.entry.headers), body, "REVALIDATED"
-            if outcome.kind is Kind.PASSTHROUGH and outcome.response is not None:
+                return 200, list(outcome.entry.headers), body, CacheStatus.REVALIDATED
+            if outcome.kind is OutcomeKind.PASSTHROUGH and outcome.response is not None:
                 body = await documents.collect(outcome.response, MAX_DOCUMENT)
-                return outcome.status, list(outcome.headers), body, "MISS"
+                return outcome.status, list(outcome.headers), body, CacheStatus.MISS
         except Exception as e:
             _log.warn("cannot read {url}: {e}", url=url, e=e)
         if entry is not None and policy.stale_allowed(
             rule, entry, now, cfg.index_ttl, cfg.negative_ttl, cfg.max_stale
         ):
             body = await documents.read_entry(self.store, entry, MAX_DOCUMENT)
-            return entry.status, list(entry.headers), body, "STALE"
+            return entry.status, list(entry.headers), body, CacheStatus.STALE
         return None
 
     def _is_document(self, info: Exchange, headers: Iterable[Header]) -> bool:
@@ -231,7 +236,7 @@ class MirrorServing:
         request: Request,
         response: IResponse,
         outcome: Outcome,
-        cache: str,
+        cache: CacheStatus,
         info: Exchange,
     ) -> None:
         try:
@@ -248,7 +253,7 @@ class MirrorServing:
         status: int,
         headers: Iterable[Header],
         body: bytes,
-        cache: str,
+        cache: CacheStatus,
         info: Exchange,
         age: float | None = None,
     ) -> None:
@@ -266,7 +271,7 @@ class MirrorServing:
                 target.local_root,
             )
             self._remember(digests)
-        if request._disconnected or request.finished:
+        if client_gone(request) or request.finished:
             return
         self._set_head(
             info,

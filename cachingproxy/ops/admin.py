@@ -6,7 +6,6 @@ import contextlib
 import hmac
 import ipaddress
 import json
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from twisted.logger import Logger
@@ -14,9 +13,7 @@ from twisted.web.server import Request
 
 from cachingproxy.cache.policy import BadURL, normalize_url
 from cachingproxy.front.responses import send_error, set_head
-
-if TYPE_CHECKING:
-    from cachingproxy.proxy import Proxy
+from cachingproxy.front.surface import Surface
 
 _log = Logger()
 
@@ -43,14 +40,14 @@ def is_authorised(request: Request, token: str | None) -> bool:
     )
 
 
-async def purge(request: Request, query: str, proxy: Proxy) -> None:
+async def purge(request: Request, query: str, surface: Surface) -> None:
     """``DELETE /cache?url=URL`` or ``?prefix=URL``: answer ``{"removed": N}``."""
-    if not is_authorised(request, proxy.config.admin_token):
+    if not is_authorised(request, surface.config.admin_token):
         _log.warn(
             "refused purge from {client}",
             client=getattr(request.getClientAddress(), "host", "?"),
         )
-        send_error(request, 403, "purge not allowed", cache="-", via=proxy.via)
+        send_error(request, 403, "purge not allowed", via=surface.via)
         return
     args = parse_qs(query, keep_blank_values=True)
     urls, prefixes = args.get("url", []), args.get("prefix", [])
@@ -59,17 +56,16 @@ async def purge(request: Request, query: str, proxy: Proxy) -> None:
             request,
             400,
             "give exactly one of url= or prefix=",
-            cache="-",
-            via=proxy.via,
+            via=surface.via,
         )
         return
     if urls:
         try:
             url = normalize_url(urls[0])
         except BadURL as e:
-            send_error(request, 400, str(e), cache="-", via=proxy.via)
+            send_error(request, 400, str(e), via=surface.via)
             return
-        removed = await proxy.purge_url(url)
+        removed = await surface.purge_url(url)
         what = url
     else:
         prefix = prefixes[0]
@@ -80,7 +76,7 @@ async def purge(request: Request, query: str, proxy: Proxy) -> None:
         else:
             # Only a scheme and (part of) a host: keys have them in lower case.
             prefix = prefix.lower()
-        removed = await proxy.purge_prefix(prefix)
+        removed = await surface.purge_prefix(prefix)
         what = f"prefix {prefix}"
     _log.info("purged {what}: {n} entries", what=what, n=removed)
     body = json.dumps({"removed": removed}).encode()
@@ -88,8 +84,7 @@ async def purge(request: Request, query: str, proxy: Proxy) -> None:
         request,
         200,
         [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
-        cache="-",
-        via=proxy.via,
+        via=surface.via,
         length=len(body),
     )
     request.write(body)

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from cachingproxy.cache.policy import BadURL, normalize_url
-from cachingproxy.fetch.download import Kind as OutcomeKind
-from cachingproxy.fetch.download import Outcome
-from cachingproxy.fetch.outcomes import error_status
+from cachingproxy.cache.status import CacheStatus
+from cachingproxy.fetch.outcomes import Outcome, OutcomeKind, error_status
 from cachingproxy.front.exchange import Exchange
-from cachingproxy.front.routing import BadRequest, Kind, Route, split_host
+from cachingproxy.front.responses import client_gone
+from cachingproxy.front.routing import BadRequest, Route, RouteKind, split_host
+from cachingproxy.front.surface import Surface
 from cachingproxy.tls.tunnel import Tunnel
-
-if TYPE_CHECKING:
-    from cachingproxy.proxy import Proxy
 
 _log = Logger()
 
@@ -52,7 +50,7 @@ def intercepted_route(target: str, authority: tuple[str, int]) -> Route:
         raise BadRequest(str(e)) from None
     if url.split("/", 3)[2].split(":")[0].strip("[]") != host.lower():
         raise BadRequest("request inside a tunnel names another host")
-    return Route(Kind.FORWARD, url=url)
+    return Route(RouteKind.FORWARD, url=url)
 
 
 def _finish_without_response(request: Request) -> None:
@@ -64,46 +62,50 @@ def _finish_without_response(request: Request) -> None:
 
 
 async def handle_connect(
-    proxy: Proxy, request: Request, authority: str, info: Exchange
+    surface: Surface, request: Request, authority: str, info: Exchange
 ) -> None:
     """Serve ``CONNECT authority``: intercept, tunnel, or refuse."""
     try:
         host, port = parse_authority(authority)
     except BadRequest as e:
-        return proxy._error(request, 400, str(e), info)
+        return surface.error(request, 400, str(e), info, CacheStatus.NONE)
     info.url = authority
     info.upstream = authority
-    if proxy.intercepts(host) and proxy.ca is not None and proxy.ca.permits(host):
+    if surface.intercepts(host) and surface.ca is not None and surface.ca.permits(host):
         try:
-            context = proxy.ca.context_factory(host)
+            context = surface.ca.context_factory(host)
         except ValueError as e:
             _log.warn("cannot intercept {host}: {e}", host=host, e=e)
         else:
-            return _intercept(proxy, request, host, port, context, info)
-    if port not in proxy.config.connect_ports:
+            return _intercept(surface, request, host, port, context, info)
+    if port not in surface.config.connect_ports:
         _log.info("refused CONNECT to {a}: port not allowed", a=authority)
-        return proxy._error(
-            request, 403, f"CONNECT to port {port} is not allowed", info
+        return surface.error(
+            request,
+            403,
+            f"CONNECT to port {port} is not allowed",
+            info,
+            CacheStatus.NONE,
         )
     channel: Any = request.channel  # channel.Channel
     info.tunnel = True
-    started = proxy.clock.seconds()
+    started = surface.clock.seconds()
 
     def closed(up: int, down: int) -> None:
-        proxy.stats.record_upstream_bytes(down)
-        proxy.log_tunnel(request, started, authority, up, down)
+        surface.stats.record_upstream_bytes(down)
+        surface.log_tunnel(request, started, authority, up, down)
 
-    tunnel = Tunnel(channel.transport, proxy.clock, TUNNEL_IDLE_TIMEOUT, closed)
+    tunnel = Tunnel(channel.transport, surface.clock, TUNNEL_IDLE_TIMEOUT, closed)
     try:
-        protocol = await proxy.upstream.connect_tcp(
-            host, port, tunnel.factory(), proxy.config.connect_ports
+        protocol = await surface.upstream.connect_tcp(
+            host, port, tunnel.factory(), surface.config.connect_ports
         )
     except Exception:
         info.tunnel = False
 
         status, message = error_status(Outcome(OutcomeKind.ERROR, failure=Failure()))
-        return proxy._error(request, status, message, info)
-    if request._disconnected:
+        return surface.error(request, status, message, info, CacheStatus.NONE)
+    if client_gone(request):
         protocol.transport.loseConnection()  # type: ignore[attr-defined]
         return
     channel.transport.write(_ESTABLISHED)
@@ -113,7 +115,7 @@ async def handle_connect(
 
 
 def _intercept(
-    proxy: Proxy,
+    surface: Surface,
     request: Request,
     host: str,
     port: int,

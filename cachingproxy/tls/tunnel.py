@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, ITransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -39,7 +39,7 @@ class Tunnel:
     def __init__(
         self,
         client: ITransport,
-        clock: Any,
+        clock: IReactorTime,
         idle_timeout: float,
         on_close: Callable[[int, int], None],
     ) -> None:

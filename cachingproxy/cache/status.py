@@ -1,0 +1,30 @@
+"""What the cache did for a response: the ``X-Cache`` value (SPEC 5)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class CacheStatus(StrEnum):
+    """The ``X-Cache`` header, the access log's ``cache`` field and the
+    statistics' key; a ``str`` so headers and logs keep the same text."""
+
+    HIT = "HIT"
+    """Served from a fresh stored entry (or a complete download)."""
+    MISS = "MISS"
+    """Fetched upstream (stored or not)."""
+    REVALIDATED = "REVALIDATED"
+    """A stale entry the upstream confirmed with ``304``."""
+    STALE = "STALE"
+    """A stale entry served because the upstream failed (stale-on-error)."""
+    OFFLINE = "OFFLINE"
+    """Served or refused under ``--offline``."""
+    BYPASS = "BYPASS"
+    """Not cacheable by method, rule or request: passed through."""
+    NONE = "-"
+    """Errors and the proxy's own pages."""
+    TUNNEL = "TUNNEL"
+    """A CONNECT tunnel (access log only)."""
+
+
+__all__ = ["CacheStatus"]
