@@ -38,6 +38,30 @@ class IPartialReader(Interface):
         """Release the reader's resources.  Idempotent."""
 
 
+class IBodySource(Interface):
+    """A body that a pump streams to a client: one stored whole, or one still
+    arriving that the client follows at its own pace."""
+
+    readable = Attribute("int: bytes from the body's start that may be read now.")
+    complete = Attribute("bool: no more bytes will come (``readable`` is final).")
+    failure = Attribute("Failure | None: the body broke off; readers stop with it.")
+
+    def read(offset: int, length: int) -> bytes:
+        """
+        Up to ``length`` bytes at ``offset`` (below ``readable``); never blocks.
+
+        @raise BodyMissing: the bytes are gone.
+        @raise OSError: they cannot be read.
+        """
+
+    def consumed(offset: int) -> None:
+        """The reader has used every byte below ``offset``; the source may
+        release what no reader needs any more."""
+
+    def close() -> None:
+        """The reader is done with the source (called once)."""
+
+
 class IBodyWriter(Interface):
     """A body being written to the store; invisible to lookups until committed."""
 

@@ -26,8 +26,10 @@ from cachingproxy.cache import policy
 from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.store import MemoryStore
 from cachingproxy.errors import UpstreamTimeout
+from cachingproxy.fetch import download as download_module
 from cachingproxy.fetch.download import Download, Downloads, FetchSettings
 from cachingproxy.fetch.outcomes import OutcomeKind
+from cachingproxy.fetch.spill import Spill
 from cachingproxy.interfaces import IUpstream
 
 IMMUTABLE, METADATA, ORIGIN = policy.default_rules(300.0)
@@ -562,3 +564,38 @@ class OutcomeTests(DownloadTestCase):
         self.upstream.answer(FakeResponse(304, [("ETag", '"v1"')], 0))
         self.assertEqual(self.successResultOf(same).kind, OutcomeKind.NOT_MODIFIED)
         self.assertEqual(self.successResultOf(other).kind, OutcomeKind.RETRY)
+
+
+class SpillTests(DownloadTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.store = MemoryStore(capacity=4)
+        self.patch(download_module, "Spill", lambda base: Spill(base, limit=8))
+
+    def test_store_full_followers_still_get_the_body(self) -> None:
+        """Bytes the full store refused reach the followers from the spill,
+        and the upstream pauses while a slow follower holds too many."""
+        download, response = self.streaming(length=30)
+        slow = Client()
+        slow_follower = download.follow(slow.transport, slow.on_finish)
+        slow_follower.pauseProducing()
+        fast = self.follow(download)
+        response.push(b"abcdefghij")
+        self.assertEqual(fast.received, b"abcdefghij")
+        self.assertTrue(response.transport.paused)
+        slow_follower.resumeProducing()
+        self.assertEqual(slow.received, b"abcdefghij")
+        self.assertFalse(response.transport.paused)
+
+    def test_upstream_resumes_when_the_slow_follower_leaves(self) -> None:
+        """A paused upstream (spill full) resumes once the only follower
+        holding the spill back goes away, so the download can end."""
+        download, response = self.streaming(length=30)
+        slow = Client()
+        slow_follower = download.follow(slow.transport, slow.on_finish)
+        slow_follower.pauseProducing()
+        response.push(b"abcdefghij")
+        self.assertTrue(response.transport.paused)
+        slow_follower.stopProducing()
+        self.assertFalse(response.transport.paused)
+        self.assertEqual(download.clients, 0)

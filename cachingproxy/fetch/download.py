@@ -2,10 +2,10 @@
 
 A :class:`Download` fetches one URL once, writes the body into a store
 writer as it arrives, and tells everyone waiting on it what happened
-(:class:`Outcome`).  Each client of a body being stored is a
-:class:`Follower`: a push producer that reads the bytes already written at
-its own pace, so a slow client never holds the download back and nothing
-is buffered per client.
+(:class:`Outcome`).  Each client of a body being stored is followed by a
+:class:`~cachingproxy.cache.pump.Pump` over its own :class:`_Reading` of the
+body: it reads the bytes already written at its own pace, so a slow client
+never holds the download back and nothing is buffered per client.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.iweb import IResponse
+from zope.interface import implementer
 
 from cachingproxy.cache import headers as H
 from cachingproxy.cache import policy
 from cachingproxy.cache.entry import Header, StoredResponse
+from cachingproxy.cache.pump import CHUNK_SIZE, Pump
 from cachingproxy.config import Rule
 from cachingproxy.errors import (
     BodyMissing,
@@ -35,15 +37,23 @@ from cachingproxy.errors import (
     StoreFull,
     UpstreamTimeout,
 )
-from cachingproxy.fetch.follower import CHUNK, Follower
 from cachingproxy.fetch.outcomes import Discard, Outcome, OutcomeKind
 from cachingproxy.fetch.spill import Spill
 from cachingproxy.fetch.upstream import headers_from_pairs, pairs_from_headers
-from cachingproxy.interfaces import IBodyWriter, ICacheStore, IPartialReader, IUpstream
+from cachingproxy.interfaces import (
+    IBodySource,
+    IBodyWriter,
+    ICacheStore,
+    IPartialReader,
+    IUpstream,
+)
 from cachingproxy.mirror.rewrite import Digest
 from cachingproxy.ops.stats import upstream_error_kind
 
 _log = Logger()
+
+CHUNK = CHUNK_SIZE
+"""Bytes per read of a download's body."""
 
 
 @frozen
@@ -105,7 +115,7 @@ class Download:
         self._waiters: list[defer.Deferred[Outcome]] = []
         self._outcome: Outcome | None = None
         self._passthrough_taken = False
-        self._followers: set[Follower] = set()
+        self._readings: set[_Reading] = set()
         self._writer: IBodyWriter | None = None
         self.vary: tuple[str, ...] = ()
         self.variant = ""
@@ -191,7 +201,7 @@ class Download:
         spill = self._spill
         if spill is None:
             return
-        spill.trim(min((f.offset for f in self._followers), default=spill.end))
+        spill.trim(min((r.offset for r in self._readings), default=spill.end))
         if self._receiver is not None and spill.buffered <= spill.limit // 2:
             self._receiver.resume()
 
@@ -201,7 +211,7 @@ class Download:
 
     @property
     def clients(self) -> int:
-        return len(self._followers)
+        return len(self._readings)
 
     def follow(
         self,
@@ -209,14 +219,13 @@ class Download:
         on_finish: Callable[[Failure | None], None],
         start: int = 0,
         end: int | None = None,
-    ) -> Follower:
+    ) -> Pump:
         """Attach a client that reads the body ``[start, end)`` as it arrives."""
         assert self._writer is not None
-        follower = Follower(
-            self, self._writer.open_reader(), consumer, on_finish, start, end
-        )
-        self._followers.add(follower)
-        follower.begin()
+        reading = _Reading(self, self._writer.open_reader(), start)
+        follower = reading.pump = Pump(consumer, reading, start, end, self._clock)
+        self._readings.add(reading)
+        follower.start().addCallbacks(lambda _: on_finish(None), on_finish)
         return follower
 
     # -- outcome ---------------------------------------------------------------
@@ -385,12 +394,12 @@ class Download:
             self._spill.append(data)
             if self._spill.full and self._receiver is not None:
                 self._receiver.pause()
-        for follower in list(self._followers):
-            follower.wake()
+        self._wake_all()
         self._consumed()
 
     def _body_end(self, reason: Failure) -> None:
         assert self._writer is not None
+        self._receiver = None
         written = self.bytes_written
         ok = reason.check(ResponseDone) or (
             reason.check(PotentialDataLoss) and self.total is None
@@ -470,11 +479,48 @@ class Download:
             d.callback(None)
 
     def _wake_all(self) -> None:
-        for follower in list(self._followers):
-            follower.wake()
+        for reading in list(self._readings):
+            if reading.pump is not None:
+                reading.pump.wake()
 
-    def _forget(self, follower: Follower) -> None:
-        self._followers.discard(follower)
+    def _forget(self, reading: _Reading) -> None:
+        self._readings.discard(reading)
+        self._consumed()
+
+
+@implementer(IBodySource)
+class _Reading:
+    """One follower's view of a download's body: what the store took, read
+    through the follower's own reader, then what the spill holds."""
+
+    def __init__(self, download: Download, reader: IPartialReader, start: int) -> None:
+        self.offset = start
+        self.pump: Pump | None = None
+        self._download = download
+        self._reader = reader
+
+    @property
+    def readable(self) -> int:
+        return self._download.readable
+
+    @property
+    def complete(self) -> bool:
+        return self._download.body_complete
+
+    @property
+    def failure(self) -> Failure | None:
+        return self._download.failure
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._download.read(self._reader, offset, length)
+
+    def consumed(self, offset: int) -> None:
+        self.offset = offset
+        self._download._consumed()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._download._forget(self)
 
 
 class _BodyReceiver(Protocol):
@@ -593,5 +639,4 @@ __all__ = [
     "Download",
     "Downloads",
     "FetchSettings",
-    "Follower",
 ]

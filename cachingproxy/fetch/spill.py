@@ -9,14 +9,19 @@ from __future__ import annotations
 
 from collections import deque
 
+from zope.interface import implementer
+
 from cachingproxy.errors import BodyMissing
+from cachingproxy.interfaces import IPartialReader
 
 SPILL_LIMIT = 8 * 1024 * 1024
 """Bytes held before the upstream is paused."""
 
 
+@implementer(IPartialReader)
 class Spill:
-    """Body bytes from offset ``base`` on, held until read by every follower."""
+    """Body bytes from offset ``base`` on, held until read by every follower:
+    the partial reader of what the store could not take."""
 
     def __init__(self, base: int, limit: int = SPILL_LIMIT) -> None:
         self.base = base
@@ -48,6 +53,9 @@ class Spill:
                 return chunk[skip : skip + length]
             position += len(chunk)
         return b""
+
+    def close(self) -> None:
+        """Nothing to release: :meth:`trim` frees what was read."""
 
     def trim(self, upto: int) -> None:
         """Release every whole chunk below offset ``upto``."""

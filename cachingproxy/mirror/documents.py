@@ -14,7 +14,8 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from cachingproxy.cache.entry import StoredResponse
-from cachingproxy.fetch.download import CHUNK, Download
+from cachingproxy.cache.pump import CHUNK_SIZE
+from cachingproxy.fetch.download import Download
 from cachingproxy.interfaces import ICacheStore, IPartialReader
 
 
@@ -70,7 +71,7 @@ async def read_download(
         parts = []
         offset = 0
         while offset < download.bytes_written:
-            data = download.read(reader, offset, CHUNK)
+            data = download.read(reader, offset, CHUNK_SIZE)
             if not data:
                 break
             parts.append(data)

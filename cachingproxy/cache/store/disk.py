@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from cachingproxy.cache.entry import StoredResponse, Usage
 from cachingproxy.cache.store._diskwriter import DiskWriter
-from cachingproxy.cache.store._producer import RangeProducer, read_range
+from cachingproxy.cache.store._producer import produce, read_range
 from cachingproxy.cache.store.index import (
     BODY_REF,
     Body,
@@ -331,10 +331,7 @@ class DiskStore:
                 del self._readers[ref]
                 self._read_ended()
 
-        producer = RangeProducer(
-            consumer, partial(os.pread, fd), release, *span, self._clock
-        )
-        return producer.start()
+        return produce(consumer, partial(os.pread, fd), release, *span, self._clock)
 
     def open_writer(self, url: str) -> Deferred[IBodyWriter]:
         if self._closing is not None:

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from cachingproxy.cache.entry import StoredResponse, Usage
-from cachingproxy.cache.store._producer import RangeProducer, read_range
+from cachingproxy.cache.store._producer import produce, read_range
 from cachingproxy.cache.store.disk import LOW_WATER
 from cachingproxy.errors import BodyMissing, StoreFull
 from cachingproxy.interfaces import IBodyWriter, ICacheStore, IPartialReader
@@ -218,7 +218,7 @@ class MemoryStore:
             if not self._readers[ref]:
                 del self._readers[ref]
 
-        return RangeProducer(consumer, pread, release, *span).start()
+        return produce(consumer, pread, release, *span)
 
     def open_writer(self, url: str) -> Deferred[IBodyWriter]:
         if self.closed:
