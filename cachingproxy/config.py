@@ -38,6 +38,9 @@ class Mirror:
     merge: bool = False
     """Union the project pages of every upstream instead of taking the first
     that has the project."""
+    protocol: str = ""
+    """The ecosystem a preset serves here (``mirror.protocols``); ``""`` for
+    a plain mirror."""
 
 
 DEFAULT_ALLOW_CLIENT = (
@@ -60,6 +63,8 @@ class ProxyConfig:
     max_size: int = 20 * 1024**3
     max_object_size: int = 8 * 1024**3
     index_ttl: float = 300.0
+    index_refresh: float = 30.0
+    """How often a client's request for a fresh index may revalidate it."""
     negative_ttl: float = 60.0
     max_stale: float | None = None
     """None = unlimited."""

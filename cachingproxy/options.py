@@ -278,6 +278,7 @@ SETTINGS: Mapping[str, _Setting] = {
     "max-size": _Setting("max_size", parse_size),
     "max-object-size": _Setting("max_object_size", parse_size),
     "index-ttl": _Setting("index_ttl", parse_seconds),
+    "index-refresh": _Setting("index_refresh", parse_seconds),
     "negative-ttl": _Setting("negative_ttl", parse_seconds),
     "max-stale": _Setting("max_stale", _parse_max_stale),
     "offline": _Setting("offline", _parse_bool),

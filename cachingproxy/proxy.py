@@ -146,6 +146,7 @@ class Proxy(MirrorServing):
         self._access_log = access_log
         self.mirrors = MirrorTable(config.mirrors)
         self._mirror_rule = Rule(re.compile(""), config.index_ttl, name="mirror")
+        self._protocol_rules: dict[str, tuple[Rule, ...]] = {}
         self.digests: OrderedDict[str, Digest] = OrderedDict()
         """Digests published by index documents served, by the cache key of
         the file they describe (bounded, oldest dropped)."""
@@ -286,8 +287,11 @@ class Proxy(MirrorServing):
             fresh = policy.is_fresh(
                 rule, entry, now, self.config.index_ttl, self.config.negative_ttl
             )
-            if fresh and not policy.request_wants_revalidation(
-                rule, client_headers, age
+            if fresh and not (
+                policy.request_wants_revalidation(rule, client_headers, age)
+                or policy.index_refresh_due(
+                    rule, entry, client_headers, now, self.config.index_refresh
+                )
             ):
                 return await self._serve_entry(
                     request, entry, CacheStatus.HIT, client_headers, info

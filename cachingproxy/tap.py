@@ -57,6 +57,14 @@ class Options(usage.Options):
             "Seconds metadata/index responses stay fresh. [default: 300]",
         ],
         [
+            "index-refresh",
+            None,
+            None,
+            "A client asking for a fresh index (no-cache, max-age=0) has it"
+            " revalidated upstream at most once per this many seconds."
+            " [default: 30]",
+        ],
+        [
             "negative-ttl",
             None,
             None,
@@ -176,7 +184,8 @@ class Options(usage.Options):
 
     def opt_mirror(self, mirror: str) -> None:
         """Mount upstreams under a local path: PREFIX=URL[,URL...], or a preset
-        (pypi, npm); tried in order on error, timeout, 5xx or 404."""
+        (pypi, npm, go, crates, rubygems, maven, debian, ubuntu, alpine;
+        packages = all); tried in order on error, timeout, 5xx or 404."""
         self["mirror"].append(mirror)
 
     def opt_intercept(self, pattern: str) -> None:

@@ -285,6 +285,32 @@ def request_wants_revalidation(
     return max_age is not None and age > max_age
 
 
+def index_refresh_due(
+    rule: Rule,
+    entry: StoredResponse,
+    request_headers: Iterable[Header],
+    now: float,
+    interval: float,
+) -> bool:
+    """Under a metadata rule (a finite TTL), whether a client asking for a
+    fresh copy (``no-cache``, ``Pragma: no-cache``, a ``max-age`` below the
+    entry's age: pip sends ``max-age=0``) has it revalidated upstream now:
+    at most once per ``interval`` seconds (``--index-refresh``), counted from
+    when ``entry`` was last fetched or revalidated (SPEC 6)."""
+    if rule.ttl is None or math.isinf(rule.ttl):
+        return False
+    if now - entry.stored_at < interval:
+        return False
+    items = list(request_headers)
+    cc = H.parse_cache_control(H.get(items, "cache-control"))
+    if "no-cache" in cc:
+        return True
+    if not cc and "no-cache" in (H.get(items, "pragma") or "").lower():
+        return True
+    max_age = H.delta_seconds(cc, "max-age")
+    return max_age is not None and current_age(entry, now) > max_age
+
+
 def is_fresh(
     rule: Rule,
     entry: StoredResponse,
@@ -445,6 +471,7 @@ __all__ = [
     "default_rules",
     "freshness_lifetime",
     "if_range_matches",
+    "index_refresh_due",
     "is_fresh",
     "is_storable",
     "normalize_url",

@@ -4,18 +4,51 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import attrs
 from attrs import frozen
 
 from cachingproxy.cache.policy import BadURL, normalize_url
 from cachingproxy.config import Mirror
+from cachingproxy.mirror.protocols import PROTOCOLS
 
 PRESETS: dict[str, tuple[Mirror, ...]] = {
     "pypi": (
-        Mirror("/pypi/", ("https://pypi.org/",)),
-        Mirror("/pypi-files/", ("https://files.pythonhosted.org/",)),
+        Mirror("/pypi/", ("https://pypi.org/",), protocol="pypi"),
+        Mirror("/pypi-files/", ("https://files.pythonhosted.org/",), protocol="pypi"),
     ),
-    "npm": (Mirror("/npm/", ("https://registry.npmjs.org/",)),),
+    "npm": (Mirror("/npm/", ("https://registry.npmjs.org/",), protocol="npm"),),
+    "go": (Mirror("/go/", ("https://proxy.golang.org/",), protocol="go"),),
+    "crates": (
+        Mirror("/crates/", ("https://index.crates.io/",), protocol="crates"),
+        Mirror(
+            "/crates-dl/", ("https://static.crates.io/crates/",), protocol="crates-dl"
+        ),
+    ),
+    "rubygems": (
+        Mirror("/rubygems/", ("https://rubygems.org/",), protocol="rubygems"),
+    ),
+    "maven": (
+        Mirror("/maven2/", ("https://repo1.maven.org/maven2/",), protocol="maven"),
+    ),
+    "debian": (
+        Mirror("/debian/", ("http://deb.debian.org/debian/",), protocol="apt"),
+        Mirror(
+            "/debian-security/",
+            ("http://deb.debian.org/debian-security/",),
+            protocol="apt",
+        ),
+    ),
+    "ubuntu": (
+        Mirror("/ubuntu/", ("http://archive.ubuntu.com/ubuntu/",), protocol="apt"),
+    ),
+    "alpine": (
+        Mirror(
+            "/alpine/", ("https://dl-cdn.alpinelinux.org/alpine/",), protocol="alpine"
+        ),
+    ),
 }
+PRESETS["packages"] = tuple(m for group in list(PRESETS.values()) for m in group)
+"""``packages``: every preset at once."""
 
 
 def parse_base(value: object) -> str:
@@ -40,7 +73,7 @@ def parse_prefix(value: str) -> str:
 
 
 def parse_mirror(value: object) -> tuple[Mirror, ...]:
-    """``PREFIX=URL[,URL…]`` or a preset name (``pypi``, ``npm``)."""
+    """``PREFIX=URL[,URL…]`` or a preset name (``pypi``, ``go``, … ``packages``)."""
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not PREFIX=URL[,URL...] or a preset")
     if value.strip() in PRESETS:
@@ -58,10 +91,11 @@ def parse_mirror(value: object) -> tuple[Mirror, ...]:
 
 
 def parse_mirror_table(table: object) -> Mirror:
-    """A ``[[mirror]]`` table: ``prefix``, ``upstreams`` (or ``url``), ``merge``."""
+    """A ``[[mirror]]`` table: ``prefix``, ``upstreams`` (or ``url``), ``merge``,
+    ``protocol`` (a preset's protocol: ``go``, ``crates``, ``maven`` …)."""
     if not isinstance(table, dict):
         raise ValueError("must be a table ([[mirror]]) or a PREFIX=URL string")
-    unknown = sorted(set(table) - {"prefix", "upstreams", "url", "merge"})
+    unknown = sorted(set(table) - {"prefix", "upstreams", "url", "merge", "protocol"})
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r}")
     if "prefix" not in table:
@@ -74,8 +108,16 @@ def parse_mirror_table(table: object) -> Mirror:
     merge = table.get("merge", False)
     if not isinstance(merge, bool):
         raise ValueError("key 'merge' must be true or false")
+    protocol = table.get("protocol", "")
+    if protocol != "" and protocol not in PROTOCOLS:
+        raise ValueError(
+            f"key 'protocol': {protocol!r} is not one of {', '.join(sorted(PROTOCOLS))}"
+        )
     return Mirror(
-        parse_prefix(str(table["prefix"])), tuple(parse_base(u) for u in urls), merge
+        parse_prefix(str(table["prefix"])),
+        tuple(parse_base(u) for u in urls),
+        merge,
+        protocol,
     )
 
 
@@ -83,10 +125,13 @@ def combine(
     mirrors: Iterable[Mirror], sources: Sequence[str] = ()
 ) -> tuple[Mirror, ...]:
     """Final mirror list: ``--source`` adds ``/``; a later prefix replaces an
-    earlier one (so a preset can be overridden)."""
+    earlier one (so a preset can be overridden) and keeps the protocol the
+    earlier one had (``--mirror go --mirror /go/=URL`` is still Go)."""
     by_prefix: dict[str, Mirror] = {}
     for mirror in mirrors:
-        by_prefix.pop(mirror.prefix, None)
+        earlier = by_prefix.pop(mirror.prefix, None)
+        if earlier is not None and not mirror.protocol:
+            mirror = attrs.evolve(mirror, protocol=earlier.protocol)
         by_prefix[mirror.prefix] = mirror
     if sources:
         by_prefix.pop("/", None)

@@ -31,12 +31,14 @@ from cachingproxy.front.responses import client_gone, set_head
 from cachingproxy.interfaces import ICacheStore
 from cachingproxy.mirror import documents
 from cachingproxy.mirror.mirrors import MirrorMatch, MirrorTable, Target
+from cachingproxy.mirror.protocols import Documents, protocol_named
 from cachingproxy.mirror.rewrite import (
     MAX_DOCUMENT,
     Digest,
     document_kind,
     merge,
     rewrite,
+    rewrite_crates_config,
 )
 
 _log = Logger()
@@ -57,6 +59,7 @@ class MirrorServing:
     mirrors: MirrorTable
     digests: OrderedDict[str, Digest]
     _mirror_rule: Rule
+    _protocol_rules: dict[str, tuple[Rule, ...]]
 
     if TYPE_CHECKING:
         # Provided by Proxy.
@@ -113,10 +116,10 @@ class MirrorServing:
         info.upstream = match.mirror.upstreams[0].split("/", 3)[2]
         info.target = target
         client_headers = pairs_from_headers(request.requestHeaders)
-        rule = policy.select_rule(self.rules, url)
+        rule = policy.select_rule(self._rules_of(match.mirror.protocol), url)
         if rule.name == "origin":
             rule = self._mirror_rule  # everything under a mirror is metadata
-        if rule.ttl == FOREVER:
+        if rule.ttl == FOREVER or documents_of(target) is Documents.NONE:
             # A package file is never rewritten, whatever its Content-Type.
             info.target, info.file_target = None, target
         if policy.request_bypass(rule, method, client_headers) is not None:
@@ -221,6 +224,15 @@ class MirrorServing:
             return entry.status, list(entry.headers), body, CacheStatus.STALE
         return None
 
+    def _rules_of(self, protocol: str) -> tuple[Rule, ...]:
+        """The operator's rules, then the protocol's, then the defaults."""
+        rules = self._protocol_rules.get(protocol)
+        if rules is None:
+            own = protocol_named(protocol).rules(self.config.index_ttl)
+            rules = self.config.rules + own + self.rules[len(self.config.rules) :]
+            self._protocol_rules[protocol] = rules
+        return rules
+
     def _is_document(self, info: Exchange, headers: Iterable[Header]) -> bool:
         """Whether a mirrored response is an index document to rewrite."""
         if info.target is None:
@@ -229,6 +241,7 @@ class MirrorServing:
         encoding = (H.get(items, "content-encoding") or "identity").lower()
         return encoding == "identity" and (
             document_kind(H.get(items, "content-type")) is not None
+            or documents_of(info.target) is Documents.CRATES
         )
 
     async def _pass_document(
@@ -262,7 +275,11 @@ class MirrorServing:
         assert target is not None, "documents are only sent for mirrored requests"
         items = list(headers)
         kind = document_kind(H.get(items, "content-type"))
-        if kind is not None and status == 200:
+        if documents_of(target) is Documents.CRATES and status == 200:
+            body = rewrite_crates_config(
+                body, info.url, self.mirrors, target.local_root
+            )
+        elif kind is not None and status == 200:
             body, digests = rewrite(
                 body,
                 kind,
@@ -324,4 +341,16 @@ class MirrorServing:
         return f"{scheme}://{host}"
 
 
-__all__ = ["MirrorServing"]
+def documents_of(target: Target) -> Documents:
+    """Which documents of ``target``'s mirror are rewritten: a crates index
+    rewrites only its ``config.json``."""
+    if target.match is None:
+        return Documents.INDEX
+    documents = protocol_named(target.match.mirror.protocol).documents
+    path = target.match.rest.split("?", 1)[0]
+    if documents is Documents.CRATES and path != "config.json":
+        return Documents.NONE
+    return documents
+
+
+__all__ = ["MirrorServing", "documents_of"]

@@ -184,6 +184,35 @@ def _integrity(value: object) -> Digest | None:
     return best
 
 
+def rewrite_crates_config(
+    body: bytes, doc_url: str, table: MirrorTable, local_root: str
+) -> bytes:
+    """A crates.io sparse index's ``config.json`` with ``dl`` and ``api`` led
+    into the cache when they name a mirrored upstream.  Cargo appends
+    ``/{crate}/{version}/download`` to a ``dl`` without markers, so a value
+    that had no trailing slash gets none."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return body
+    if not isinstance(document, dict):
+        return body
+    mapper = _Mapper(table, doc_url, local_root)
+    for key in ("dl", "api"):
+        value = document.get(key)
+        if not isinstance(value, str):
+            continue
+        absolute = mapper.absolute(value)
+        local = table.local_path(absolute)
+        if local is None:
+            continue
+        new = mapper.local_root + local
+        if not value.endswith("/"):
+            new = new.rstrip("/")
+        document[key] = new
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
 def merge(kind: str, docs: list[tuple[str, bytes]]) -> bytes:
     """One index document listing everything in ``docs`` (``(url, body)``,
     first wins on a name clash); every link is made absolute."""
@@ -251,4 +280,11 @@ def _merge_json(docs: list[tuple[str, bytes]]) -> bytes:
     return json.dumps(merged or {}, separators=(",", ":")).encode()
 
 
-__all__ = ["MAX_DOCUMENT", "Digest", "document_kind", "merge", "rewrite"]
+__all__ = [
+    "MAX_DOCUMENT",
+    "Digest",
+    "document_kind",
+    "merge",
+    "rewrite",
+    "rewrite_crates_config",
+]
