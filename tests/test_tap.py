@@ -424,10 +424,15 @@ store = false
         self.assertEqual(
             config.mirrors,
             (
-                Mirror("/pypi-files/", ("https://files.pythonhosted.org/",)),
+                Mirror(
+                    "/pypi-files/",
+                    ("https://files.pythonhosted.org/",),
+                    protocol="pypi",
+                ),
                 Mirror(
                     "/pypi/",
                     ("http://10.0.0.5:8080/root/pypi/", "https://pypi.org/"),
+                    protocol="pypi",
                 ),
             ),
         )
@@ -447,7 +452,7 @@ store = false
         self.assertEqual(
             config.mirrors,
             (
-                Mirror("/npm/", ("https://registry.npmjs.org/",)),
+                Mirror("/npm/", ("https://registry.npmjs.org/",), protocol="npm"),
                 Mirror("/", ("http://deb.example/debian/",)),
             ),
         )
