@@ -28,6 +28,7 @@ from zope.interface.verify import verifyObject
 
 from cachingproxy.cache.entry import StoredResponse, Usage
 from cachingproxy.cache.store import CacheDirError, DiskStore, MemoryStore, disk
+from cachingproxy.cache.store._diskwriter import IBodyCommitter
 from cachingproxy.cache.store.disk import FLUSH_INTERVAL
 from cachingproxy.cache.store.index import prefix_successor
 from cachingproxy.errors import BodyMissing, StoreFull
@@ -1039,6 +1040,24 @@ class DiskStoreTests(StoreBehaviourMixin, unittest.TestCase):
             self.assertEqual(self.files("tmp"), [])
             self.assertEqual(self.files("bodies"), [])
             self.failureResultOf(writer.commit(make_entry()), ValueError)
+
+    async def test_index_failure_removes_the_body(self) -> None:
+        """If the body moved into place but its row cannot be written, commit
+        fails and neither the body nor the temp file is left."""
+        writer = self.successResultOf(self.store.open_writer(URL))
+        writer.write(b"body")
+        self.assertTrue(verifyObject(IBodyCommitter, writer._committer))
+
+        def broken(*args: object) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        patched = self.patch(self.store._index, "insert", broken)
+        with self.assertRaises(sqlite3.OperationalError):
+            await writer.commit(make_entry())
+        patched.restore()
+        self.assertEqual(self.lookup(), [])
+        self.assertEqual(self.files("tmp"), [])
+        self.assertEqual(self.files("bodies"), [])
 
     def test_store_full(self) -> None:
         """ENOSPC from os.write becomes StoreFull; then only abort is valid."""

@@ -1,25 +1,54 @@
-"""The writer of :class:`~cachingproxy.cache.store.disk.DiskStore`: a body in ``tmp/``."""
+"""The writer of :class:`~cachingproxy.cache.store.disk.DiskStore`: a body in ``tmp/``.
+
+The writer never sees the store: it is handed an :class:`IBodyCommitter`,
+the few things it needs to make a body part of the cache.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Attribute, Interface, implementer
 
 from cachingproxy.cache.entry import StoredResponse
 from cachingproxy.cache.store.index import unlink_quietly
 from cachingproxy.errors import StoreFull
 from cachingproxy.interfaces import IBodyWriter, IPartialReader
 
-if TYPE_CHECKING:
-    from cachingproxy.cache.store.disk import DiskStore
-
 _T = TypeVar("_T")
+
+
+class IBodyCommitter(Interface):
+    """What a :class:`DiskWriter` needs of its store."""
+
+    max_size = Attribute("int | None: the most body bytes the store may hold.")
+
+    def closing() -> bool:
+        """The store is closing: writes and commits fail with ``StoreFull``."""
+
+    def commit(
+        entry: StoredResponse,
+        move: Callable[[str], None],
+        settle: Callable[[object], object],
+    ) -> Deferred[StoredResponse]:
+        """
+        Make ``entry`` part of the cache: run ``move(path)`` in a thread (it
+        puts the body at ``path``, the final place for ``entry.body_ref``),
+        then record ``entry`` in the index, evicting what the budget needs.
+        If either fails, the body at ``path`` is removed.  ``settle`` is
+        added to the result (it must pass it on); the store's ``close`` waits
+        until it ran.
+        """
+
+    def forget(writer: DiskWriter) -> None:
+        """``writer`` is committed or aborted: the store's ``close`` need not
+        abort it."""
 
 
 @implementer(IPartialReader)
@@ -48,18 +77,17 @@ class FileReader:
 class DiskWriter:
     """A body being written to ``tmp/``; moved into ``bodies/`` on commit."""
 
-    def __init__(self, store: DiskStore, url: str, name: str, fd: int) -> None:
+    def __init__(
+        self, committer: IBodyCommitter, url: str, tmp_dir: str, name: str, fd: int
+    ) -> None:
         self.bytes_written = 0
-        self._store = store
+        self._committer = committer
         self._url = url
         self._name = name
+        self._tmp_path = os.path.join(tmp_dir, name)
         self._fd = fd
         self._hash = hashlib.sha256()
         self._state = "open"  # -> full | committing -> committed | aborted
-
-    @property
-    def _tmp_path(self) -> str:
-        return os.path.join(self._store._tmp_dir, self._name)
 
     @property
     def _ref(self) -> str:
@@ -67,7 +95,7 @@ class DiskWriter:
 
     def write(self, data: bytes) -> None:
         if self._state != "open":
-            if self._state == "full" or self._store._closing is not None:
+            if self._state == "full" or self._committer.closing():
                 raise StoreFull(f"cannot store {self._url}: writer is {self._state}")
             raise ValueError(f"write to a {self._state} writer")
         view = memoryview(data)
@@ -87,13 +115,14 @@ class DiskWriter:
         return FileReader(self, os.dup(self._fd))
 
     def commit(self, entry: StoredResponse) -> Deferred[StoredResponse]:
-        if self._state != "open" or self._store._closing is not None:
-            full = self._state == "full" or self._store._closing is not None
+        closing = self._committer.closing()
+        if self._state != "open" or closing:
+            full = self._state == "full" or closing
             error = StoreFull if full else ValueError
             return defer.fail(
                 error(f"cannot commit {self._url}: writer is {self._state}")
             )
-        max_size = self._store.max_size
+        max_size = self._committer.max_size
         if max_size is not None and self.bytes_written > max_size:
             self.abort()
             return defer.fail(
@@ -106,12 +135,7 @@ class DiskWriter:
         stored = entry.replace(
             size=self.bytes_written, digest=self._hash.hexdigest(), body_ref=self._ref
         )
-        store = self._store
-        d = store._in_thread(self._sync_and_move, store._body_path(self._ref))
-        committed = d.addCallback(lambda _: store._insert(stored))
-        committed.addErrback(self._commit_failed)
-        committed.addBoth(self._close_fd)
-        return store._track(committed)
+        return self._committer.commit(stored, self._sync_and_move, self._settle)
 
     def _sync_and_move(self, body_path: str) -> None:
         """In a thread: make the body durable under its final name."""
@@ -125,16 +149,16 @@ class DiskWriter:
         finally:
             os.close(dir_fd)
 
-    def _commit_failed(self, failure: Failure) -> Failure:
-        self._state = "aborted"
-        unlink_quietly(self._tmp_path)
-        unlink_quietly(self._store._body_path(self._ref))
-        return failure
+    def _settle(self, result: _T) -> _T:
+        if isinstance(result, Failure):
+            self._state = "aborted"
+            unlink_quietly(self._tmp_path)
+        return self._close_fd(result)
 
     def _close_fd(self, result: _T) -> _T:
         if self._state == "committing":
             self._state = "committed"
-        self._store._writers.discard(self)
+        self._committer.forget(self)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -148,4 +172,4 @@ class DiskWriter:
         return defer.succeed(None)
 
 
-__all__ = ["DiskWriter", "FileReader"]
+__all__ = ["DiskWriter", "FileReader", "IBodyCommitter"]

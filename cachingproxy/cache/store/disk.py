@@ -29,10 +29,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cachingproxy.cache.entry import StoredResponse, Usage
-from cachingproxy.cache.store._diskwriter import DiskWriter
+from cachingproxy.cache.store._diskwriter import DiskWriter, IBodyCommitter
 from cachingproxy.cache.store._producer import produce, read_range
 from cachingproxy.cache.store.index import (
     BODY_REF,
@@ -80,6 +81,7 @@ class DiskStore:
         self._data_version = 0
         self._flusher = task.LoopingCall(self._flush)
         self._flusher.clock = self._clock
+        self._committer = _Committer(self)
 
     @classmethod
     def open(
@@ -342,7 +344,7 @@ class DiskStore:
             fd = os.open(os.path.join(self._tmp_dir, name), flags, 0o600)
         except OSError as e:
             return defer.fail(StoreFull(f"cannot store {url}: {e}"))
-        writer = DiskWriter(self, url, name, fd)
+        writer = DiskWriter(self._committer, url, self._tmp_dir, name, fd)
         self._writers.add(writer)
         return defer.succeed(writer)
 
@@ -397,6 +399,43 @@ class DiskStore:
             self._closed = True
             for waiter in self._closing or ():
                 waiter.callback(None)
+
+
+@implementer(IBodyCommitter)
+class _Committer:
+    """What the store's writers may do to it: commit bodies, nothing else."""
+
+    def __init__(self, store: DiskStore) -> None:
+        self._store = store
+
+    @property
+    def max_size(self) -> int | None:
+        return self._store.max_size
+
+    def closing(self) -> bool:
+        return self._store._closing is not None
+
+    def commit(
+        self,
+        entry: StoredResponse,
+        move: Callable[[str], None],
+        settle: Callable[[object], object],
+    ) -> Deferred[StoredResponse]:
+        store = self._store
+        path = store._body_path(entry.body_ref)
+
+        def failed(failure: Failure) -> Failure:
+            unlink_quietly(path)
+            return failure
+
+        moved = store._in_thread(move, path)
+        d = moved.addCallback(lambda _: store._insert(entry))
+        d.addErrback(failed)
+        d.addBoth(settle)
+        return store._track(d)
+
+    def forget(self, writer: DiskWriter) -> None:
+        self._store._writers.discard(writer)
 
 
 __all__ = ["FLUSH_INTERVAL", "LOW_WATER", "CacheDirError", "DiskStore"]
