@@ -19,7 +19,7 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from cachingproxy import __version__
 from cachingproxy.errors import DestinationRefused, UpstreamTimeout
 from cachingproxy.fetch.upstream import DNSLookupFailed
-from cachingproxy.ops.metrics import CONTENT_TYPE, metrics_text
+from cachingproxy.ops.metrics import CONTENT_TYPE, Figures, Metrics, metrics_text
 from cachingproxy.ops.stats import MAX_KEYS, Stats, upstream_error_kind
 from cachingproxy.ops.statuspage import (
     format_bytes,
@@ -362,7 +362,7 @@ class UpstreamErrorKindTests(SynchronousTestCase):
         self.assertEqual(upstream_error_kind(Failure(UpstreamTimeout("x"))), "timeout")
 
 
-def families(stats: Stats) -> dict[str, Any]:
+def families(stats: Any) -> dict[str, Any]:
     text = metrics_text(stats).decode("utf-8")
     return {family.name: family for family in text_string_to_metric_families(text)}
 
@@ -471,6 +471,34 @@ class MetricsTests(SynchronousTestCase):
             sample(families(two.stats)["cachingproxy_requests"], count, cache="HIT"), 0
         )
         self.assertIsNone(REGISTRY.get_sample_value(count, {"cache": "HIT"}))
+
+    def test_rendered_from_figures_alone(self) -> None:
+        """Metrics needs only a Figures callable, called at each scrape (not
+        a Stats); a store without a budget gives no max_size sample."""
+        calls: list[int] = []
+
+        def figures() -> Figures:
+            calls.append(1)
+            return Figures(
+                by_cache={"HIT": 3},
+                bytes_from_cache=10,
+                bytes_from_upstream=20,
+                upstream_errors={"dns": 2},
+                disk_bytes=30,
+                entries=4,
+                max_size=None,
+                in_flight=5,
+            )
+
+        holder = attrs.make_class("Holder", ["metrics"])(Metrics(figures))
+        self.assertEqual(calls, [])
+        m = families(holder)
+        self.assertEqual(calls, [1])
+        count = "cachingproxy_requests_total"
+        self.assertEqual(sample(m["cachingproxy_requests"], count, cache="HIT"), 3)
+        inflight = "cachingproxy_inflight_downloads"
+        self.assertEqual(sample(m[inflight], inflight), 5)
+        self.assertEqual(m["cachingproxy_max_size_bytes"].samples, [])
 
     def test_content_type(self) -> None:
         """The content type names the Prometheus text format."""

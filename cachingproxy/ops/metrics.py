@@ -2,9 +2,10 @@
 
 Each Stats owns a :class:`Metrics` with its own ``CollectorRegistry`` (never
 the process-wide default one, so several proxies can share a process).
-Everything is read at scrape time by one custom collector: counters from
-the Stats, gauges from the live store usage and downloads in flight, so
-``/metrics`` and ``/status.json`` can never disagree.  Only the
+Everything is read at scrape time by one custom collector, as one
+:class:`Figures` value the Stats hands over: counters from the Stats, gauges
+from the live store usage and downloads in flight, so ``/metrics`` and
+``/status.json`` can never disagree.  Only the
 response-time histogram is kept here (as plain bucket counts: no
 ``_created`` samples and no wall-clock reads).
 """
@@ -12,10 +13,11 @@ response-time histogram is kept here (as plain bucket counts: no
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import accumulate
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from attrs import frozen
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -28,9 +30,6 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from cachingproxy import __version__
-
-if TYPE_CHECKING:
-    from cachingproxy.ops.stats import Stats
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 """The ``Content-Type`` of :func:`metrics_text` (Prometheus text format 0.0.4)."""
@@ -59,15 +58,35 @@ RESPONSE_BUCKETS = (
 multi-gigabyte download."""
 
 
-class Metrics:
-    """The Prometheus view of one Stats, and its response-time histogram."""
+@frozen
+class Figures:
+    """What one scrape reports besides the histogram, read at scrape time."""
 
-    def __init__(self, stats: Stats) -> None:
+    by_cache: Mapping[str, int]
+    """Requests answered, by X-Cache status."""
+    bytes_from_cache: int
+    bytes_from_upstream: int
+    upstream_errors: Mapping[str, int]
+    """Upstream failures by kind."""
+    disk_bytes: int
+    entries: int
+    max_size: int | None
+    """The disk budget; None: no budget (and no sample)."""
+    in_flight: int
+    """Upstream downloads in progress."""
+
+
+class Metrics:
+    """The Prometheus view of one Stats, and its response-time histogram.
+
+    ``figures`` is called at each scrape."""
+
+    def __init__(self, figures: Callable[[], Figures]) -> None:
         # cache status -> [count per bucket (the last is +Inf), sum]
         self._buckets: dict[str, list[int]] = {}
         self._sums: dict[str, float] = {}
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_StatsCollector(stats, self))
+        self.registry.register(_StatsCollector(figures, self))
 
     def observe_response(self, cache: str, duration: float) -> None:
         """Record one response time (seconds) of a request with ``cache`` status."""
@@ -97,10 +116,10 @@ class Metrics:
 
 
 class _StatsCollector(Collector):
-    """Counters and gauges read from the Stats and its callables at scrape time."""
+    """Counters and gauges read from the Stats at scrape time."""
 
-    def __init__(self, stats: Stats, metrics: Metrics) -> None:
-        self._stats = stats
+    def __init__(self, figures: Callable[[], Figures], metrics: Metrics) -> None:
+        self._figures = figures
         self._metrics = metrics
 
     def describe(self) -> Iterable[Metric]:
@@ -112,7 +131,6 @@ class _StatsCollector(Collector):
         return list(self._families(live=True))
 
     def _families(self, *, live: bool) -> Iterator[Metric]:
-        stats = self._stats
         info = InfoMetricFamily("cachingproxy_build", "The running cachingproxy.")
         requests = CounterMetricFamily(
             "cachingproxy_requests",
@@ -142,26 +160,40 @@ class _StatsCollector(Collector):
             "cachingproxy_inflight_downloads", "Upstream downloads in progress."
         )
         if live:
+            figures = self._figures()
             info.add_metric([], {"version": __version__})
-            for cache, n in stats.by_cache.items():
+            for cache, n in figures.by_cache.items():
                 requests.add_metric([cache], n)
-            bytes_.add_metric(["cache"], stats.bytes_from_cache)
-            bytes_.add_metric(["upstream"], stats.bytes_from_upstream)
-            for kind, n in stats.upstream_errors.items():
+            bytes_.add_metric(["cache"], figures.bytes_from_cache)
+            bytes_.add_metric(["upstream"], figures.bytes_from_upstream)
+            for kind, n in figures.upstream_errors.items():
                 errors.add_metric([kind], n)
-            usage = stats.usage()
-            disk.add_metric([], usage.bytes)
-            if usage.max_size is not None:  # no sample: no budget
-                max_size.add_metric([], usage.max_size)
-            entries.add_metric([], usage.entries)
-            in_flight.add_metric([], sum(1 for _ in stats.in_flight()))
+            disk.add_metric([], figures.disk_bytes)
+            if figures.max_size is not None:  # no sample: no budget
+                max_size.add_metric([], figures.max_size)
+            entries.add_metric([], figures.entries)
+            in_flight.add_metric([], figures.in_flight)
         yield from (info, requests, bytes_, errors, disk, max_size, entries, in_flight)
         yield self._metrics._histogram()
 
 
-def metrics_text(stats: Stats) -> bytes:
+class HasMetrics(Protocol):
+    """What owns a :class:`Metrics` (a :class:`~cachingproxy.ops.stats.Stats`)."""
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+
+def metrics_text(stats: HasMetrics) -> bytes:
     """The body of ``/metrics``; serve it with :data:`CONTENT_TYPE`."""
     return generate_latest(stats.metrics.registry)
 
 
-__all__ = ["CONTENT_TYPE", "RESPONSE_BUCKETS", "Metrics", "metrics_text"]
+__all__ = [
+    "CONTENT_TYPE",
+    "RESPONSE_BUCKETS",
+    "Figures",
+    "HasMetrics",
+    "Metrics",
+    "metrics_text",
+]

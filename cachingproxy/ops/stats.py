@@ -38,7 +38,7 @@ from twisted.web.client import (
 from cachingproxy import __version__
 from cachingproxy.errors import DestinationRefused, UpstreamTimeout
 from cachingproxy.fetch.upstream import DNSLookupFailed
-from cachingproxy.ops.metrics import Metrics
+from cachingproxy.ops.metrics import Figures, Metrics
 
 CACHE_STATUSES = ("HIT", "MISS", "REVALIDATED", "STALE", "OFFLINE", "BYPASS", "-")
 """Every ``X-Cache`` value a request is recorded with; ``-`` is an error or
@@ -171,7 +171,7 @@ class Stats:
         self._objects = _Tally(max_keys)
         # [minute, requests, hits, misses], oldest first, one per minute with traffic.
         self._history: deque[list[int]] = deque(maxlen=HISTORY_MINUTES)
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self.figures)
 
     # -- recording -------------------------------------------------------------
 
@@ -271,6 +271,20 @@ class Stats:
                 }
             )
         return result
+
+    def figures(self) -> Figures:
+        """What ``/metrics`` reports besides response times, as of now."""
+        usage = self.usage()
+        return Figures(
+            by_cache=dict(self.by_cache),
+            bytes_from_cache=self.bytes_from_cache,
+            bytes_from_upstream=self.bytes_from_upstream,
+            upstream_errors=dict(self.upstream_errors),
+            disk_bytes=usage.bytes,
+            entries=usage.entries,
+            max_size=usage.max_size,
+            in_flight=sum(1 for _ in self.in_flight()),
+        )
 
     def snapshot(self) -> dict[str, Any]:
         """Everything ``/status.json`` shows (JSON-serialisable)."""
