@@ -92,5 +92,7 @@ class ProxyConfig:
     max_client_connections: int = 256
     upstream_proxy: str | None = None
     """Parent HTTP proxy (``http://host:port``) for every upstream request."""
+    workers: int | None = None
+    """Worker processes (--workers, SPEC 11); None is ``auto``."""
     rules: tuple[Rule, ...] = field(default=())
     """Operator rules from the config file; they come before the default rules."""

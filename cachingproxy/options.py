@@ -34,6 +34,7 @@ from cachingproxy.mirror.mirrors import (
     parse_mirror,
     parse_mirror_table,
 )
+from cachingproxy.workers import parse_workers
 
 
 class ConfigError(ValueError):
@@ -301,6 +302,7 @@ SETTINGS: Mapping[str, _Setting] = {
     "proxy-auth": _Setting("proxy_auth", _parse_readable),
     "max-client-connections": _Setting("max_client_connections", _parse_count),
     "source": _Setting("sources", parse_base, repeatable=True),
+    "workers": _Setting("workers", parse_workers),
 }
 """Every option that can come from the command line or the config file,
 by its long name (which is also its config-file key)."""

@@ -12,7 +12,7 @@ from twisted.application.service import IService, Service
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -23,6 +23,7 @@ from cachingproxy.front.auth import HtpasswdError, ProxyAuth
 from cachingproxy.front.channel import ProxySite
 from cachingproxy.interfaces import ICacheStore
 from cachingproxy.ops.accesslog import AccessLog
+from cachingproxy.ops.stats import Stats
 from cachingproxy.proxy import Proxy, ProxyResource
 from cachingproxy.tls.ca import CertificateAuthority
 from cachingproxy.tls.intercept import InterceptPolicy
@@ -80,7 +81,7 @@ class ProxyService(Service):
         listeners = [(d, site, "--listen") for d in self.config.listen]
         listeners += [(d, sni, "--listen-tls") for d in self.config.listen_tls]
         for description, factory, option in listeners:
-            d = serverFromString(self.reactor, description).listen(factory)
+            d = self.endpoint(description).listen(factory)
             d.addCallback(self._listening, description)
             d.addErrback(self._listen_failed, f"{option} {description}", failures)
         if failures:
@@ -89,6 +90,23 @@ class ProxyService(Service):
             for port in self.ports:
                 port.stopListening()
             _fatal("; ".join(failures))
+
+    def endpoint(self, description: str) -> IStreamServerEndpoint:
+        """The endpoint ``description`` is listened on (a worker process
+        adopts the socket its supervisor bound instead)."""
+        return serverFromString(self.reactor, description)
+
+    def open_store(self) -> ICacheStore:
+        """The disk store in --cache-dir (a worker opens it without the
+        start-up sweep, which its supervisor did)."""
+        config = self.config
+        return DiskStore.open(
+            config.cache_dir, reactor=self.reactor, max_size=config.max_size
+        )
+
+    def make_stats(self) -> Stats | None:
+        """The statistics of the proxy (made before it); None: its own."""
+        return None
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
@@ -102,9 +120,7 @@ class ProxyService(Service):
             self._listen()
         if self.store is None:
             try:
-                self.store = DiskStore.open(
-                    config.cache_dir, reactor=self.reactor, max_size=config.max_size
-                )
+                self.store = self.open_store()
             except Exception as e:
                 _fatal(f"--cache-dir {config.cache_dir}: cannot open the cache: {e}")
         self.upstream = Upstream(
@@ -130,6 +146,7 @@ class ProxyService(Service):
             intercept=intercept,
             ca=ca,
             auth=self.auth,
+            stats=self.make_stats(),
         )
         assert self.site is not None
         self.site.resource = ProxyResource(self.proxy)

@@ -145,6 +145,14 @@ class Options(usage.Options):
             "Open connections one client address may hold. [default: 256]",
         ],
         [
+            "workers",
+            None,
+            None,
+            "Worker processes sharing the listening sockets and the cache:"
+            " N, or auto (one per CPU core, at most 16); 1 is one process."
+            " [default: auto]",
+        ],
+        [
             "config",
             None,
             None,
@@ -231,7 +239,7 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> IService:  # noqa: N802
     """The proxy's service tree, built from the parsed options' ProxyConfig."""
-    from cachingproxy.service import make_service
+    from cachingproxy.workers import make_service
 
     return make_service(options.proxy_config)
 

@@ -172,7 +172,11 @@ class TwistdCachingTests(TestCase):
 
     def test_kill_9_mid_download_leaves_nothing(self) -> defer.Deferred[None]:
         """SIGKILL during a download commits no entry; a restart on the same cache
-        dir sweeps the temp file, and the URL is then a MISS fetched again whole."""
+        dir sweeps the temp file, and the URL is then a MISS fetched again whole.
+
+        One process (``--workers 1``): under a supervisor, SIGKILL of the
+        supervisor lets its workers stop cleanly (test_workers covers that
+        and the SIGKILL of a worker)."""
         return _as_deferred(self._kill_9())
 
     async def _kill_9(self) -> None:
@@ -200,7 +204,7 @@ class TwistdCachingTests(TestCase):
         url = f"http://127.0.0.1:{oport}{path}"
         origin.route(path, handler)
         cache_dir = os.path.abspath(self.mktemp())
-        proxy = Twistd(self, cache_dir, "--read-timeout", "60")
+        proxy = Twistd(self, cache_dir, "--read-timeout", "60", "--workers", "1")
         await proxy.wait_listening()
 
         partial = self.mktemp()

@@ -1,10 +1,16 @@
-"""The access log (``--access-log``): one squid-like line per request."""
+"""The access log (``--access-log``): one squid-like line per request.
+
+Each line goes to the file in one ``write`` on a descriptor opened with
+``O_APPEND``, so worker processes sharing the file (SPEC 11) never tear or
+interleave each other's lines.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from typing import IO, Any
+from typing import Any
 
 
 class AccessLog:
@@ -12,28 +18,33 @@ class AccessLog:
 
     def __init__(self, path: str) -> None:
         self._path = path
-        self._file: IO[str] | None = None
+        self._fd = -1
+        self._stdout = path == "-"
         self.reopen()
 
     def reopen(self) -> None:
-        if self._path == "-":
-            self._file = sys.stdout
+        if self._stdout:
             return
-        old = self._file
-        self._file = open(self._path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-        if old is not None:
-            old.close()
+        old = self._fd
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        self._fd = os.open(self._path, flags, 0o644)
+        if old >= 0:
+            os.close(old)
 
     def __call__(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record["time"]))
-        self._file.write(
+        line = (
             "{stamp} {client} {method} {url} {status} {bytes} {duration_ms} "
             "{cache} {upstream}\n".format(stamp=stamp, **record)
         )
+        if self._stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        elif self._fd >= 0:
+            os.write(self._fd, line.encode("utf-8"))
 
     def close(self) -> None:
-        if self._file is not None and self._file is not sys.stdout:
-            self._file.close()
-        self._file = None
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+        self._stdout = False

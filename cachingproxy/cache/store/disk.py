@@ -90,10 +90,13 @@ class DiskStore:
         reactor: IReactorThreads | None = None,
         *,
         max_size: int | None = None,
+        sweep: bool = True,
     ) -> DiskStore:
         """Open (creating if needed) the cache in ``path`` and sweep it.
 
         ``max_size`` bounds the bytes of stored bodies (None: no bound).
+        Without ``sweep`` nothing is deleted: other processes (workers) may
+        be writing bodies in ``tmp/``.
 
         @raise CacheDirError: ``path`` holds something else.
         """
@@ -106,7 +109,8 @@ class DiskStore:
         try:
             os.makedirs(store._tmp_dir, exist_ok=True)
             os.makedirs(index.bodies_dir, exist_ok=True)
-            store._sweep()
+            if sweep:
+                store._sweep()
             store._reread_totals()
         except BaseException:
             index.close()

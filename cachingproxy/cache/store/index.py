@@ -34,8 +34,9 @@ _log = Logger()
 
 FORMAT = "1"
 INDEX = "index.sqlite"
-OURS = frozenset({"bodies", "tmp", INDEX, INDEX + "-wal", INDEX + "-shm"})
-"""The names a cache directory may hold."""
+OURS = frozenset({"bodies", "tmp", "run", INDEX, INDEX + "-wal", INDEX + "-shm"})
+"""The names a cache directory may hold (``run`` is the state worker
+processes share, SPEC 11)."""
 BODY_REF = re.compile(r"\A([0-9a-f]{2})/\1[0-9a-f]{30}\Z")
 
 _FIELDS: tuple[str, ...] = ("url", "variant", "vary", "status", "headers")

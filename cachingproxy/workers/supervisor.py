@@ -1,0 +1,229 @@
+"""The process twistd starts under ``--workers N``: sockets, workers, signals.
+
+It binds every endpoint (in ``privilegedStartService``, so still as root
+under ``--uid``), checks what would otherwise fail in every worker at once
+(the cache directory, ``--proxy-auth``, the interception CA, which it also
+creates), sweeps the cache once, and then runs N workers.  A worker that
+ends while the supervisor is not stopping is replaced after
+:data:`RESPAWN_DELAY` seconds (longer, up to :data:`MAX_RESPAWN_DELAY`, while
+workers keep dying at start-up).  ``SIGHUP`` is passed on to every worker;
+stopping (``SIGTERM``) stops every worker, then closes the sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import shutil
+import signal
+import sys
+import threading
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+import cachingproxy
+from cachingproxy.cache.store import DiskStore
+from cachingproxy.config import ProxyConfig
+from cachingproxy.service import ProxyService
+from cachingproxy.workers import lifeline, run_dir
+from cachingproxy.workers.sockets import Bound, bind_all
+from cachingproxy.workers.worker import FIRST_FD, WorkerPlan
+
+_log = Logger()
+
+RESPAWN_DELAY = 0.2
+MAX_RESPAWN_DELAY = 3.0
+"""A replacement always starts within SPEC 11's 5 seconds."""
+EARLY_DEATH = 5.0
+"""A worker that ends sooner than this after starting counts as failing."""
+STOP_GRACE = 15.0
+"""Seconds workers get to stop on SIGTERM before they are killed."""
+SHARED = ("metrics", "claims")
+"""Directories under ``run/`` that only live as long as the supervisor."""
+
+
+class _Worker(ProcessProtocol):
+    """One running worker process."""
+
+    def __init__(self, supervisor: Supervisor, slot: int, started: float) -> None:
+        self.supervisor = supervisor
+        self.slot = slot
+        self.started = started
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+        self.ended.callback(None)
+        self.supervisor._ended(self, reason)
+
+    def send(self, name: str) -> None:
+        """Send signal ``name`` (``TERM``, ``HUP`` …) if it still runs."""
+        with contextlib.suppress(ProcessExitedAlready, OSError):
+            self.transport.signalProcess(name)  # type: ignore[union-attr]
+
+
+class Supervisor(Service):
+    """Runs ``count`` worker processes on sockets it bound itself."""
+
+    def __init__(self, config: ProxyConfig, count: int, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.config = config
+        self.count = count
+        self.reactor = reactor
+        self.ports: list[IListeningPort] = []
+        self.sockets: list[Bound] = []
+        self.workers: dict[int, _Worker] = {}
+        self._respawns: dict[int, IDelayedCall] = {}
+        self._delays: dict[int, float] = {}
+        self._stopping = False
+        self._previous_sighup: Any = None
+
+    # -- start -----------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:  # noqa: N802
+        super().privilegedStartService()
+        self.ports, bound, failures = bind_all(self.reactor, self.config)
+        self.sockets = bound
+        if failures:
+            for port in self.ports:
+                port.stopListening()
+            _fatal("; ".join(failures))
+        for b in bound:
+            _log.info("cachingproxy listening on {where}", where=b.description)
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        if not self.ports and not self.sockets:
+            self.privilegedStartService()
+        self._preflight()
+        _log.info("cachingproxy running {n} workers (--workers)", n=self.count)
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        for slot in range(self.count):
+            self._spawn(slot)
+
+    def _preflight(self) -> None:
+        """Fail once, here, what would fail in every worker; sweep the cache;
+        make the CA and the shared state directories."""
+        config = self.config
+        check = ProxyService(config, self.reactor)
+        if config.proxy_auth is not None:
+            from cachingproxy.front.auth import HtpasswdError, ProxyAuth
+
+            try:
+                ProxyAuth(config.proxy_auth, self.reactor, self.reactor).close()
+            except HtpasswdError as e:
+                _fatal(f"--proxy-auth {config.proxy_auth}: {e}")
+        check._interception()
+        try:
+            store = DiskStore.open(config.cache_dir, reactor=self.reactor)
+        except Exception as e:
+            _fatal(f"--cache-dir {config.cache_dir}: cannot open the cache: {e}")
+        store.close()
+        for name in SHARED:
+            path = run_dir(config.cache_dir, name)
+            shutil.rmtree(path, ignore_errors=True)
+            os.makedirs(path, exist_ok=True)
+
+    def _environment(self) -> dict[str, str]:
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("LISTEN_FDS", "LISTEN_PID")
+        }
+        package_root = os.path.dirname(os.path.dirname(cachingproxy.__file__))
+        env["PYTHONPATH"] = os.pathsep.join(
+            [package_root, *filter(None, [env.get("PYTHONPATH")])]
+        )
+        env["PROMETHEUS_MULTIPROC_DIR"] = run_dir(self.config.cache_dir, "metrics")
+        return env
+
+    def _spawn(self, slot: int) -> None:
+        self._respawns.pop(slot, None)
+        if self._stopping:
+            return
+        worker = _Worker(self, slot, self.reactor.seconds())
+        fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
+        for i, bound in enumerate(self.sockets):
+            fds[FIRST_FD + i] = bound.fd
+        argv = [sys.executable, "-m", "cachingproxy.workers.worker"]
+        process = self.reactor.spawnProcess(
+            worker, sys.executable, argv, env=self._environment(), childFDs=fds
+        )
+        plan = WorkerPlan(self.config, slot, tuple(self.sockets), os.getpid())
+        process.writeToChild(0, lifeline.frame(pickle.dumps(plan)))
+        self.workers[slot] = worker
+
+    # -- running ---------------------------------------------------------------
+
+    def _ended(self, worker: _Worker, reason: Failure) -> None:
+        if self.workers.get(worker.slot) is worker:
+            del self.workers[worker.slot]
+        if self._stopping:
+            return
+        lived = self.reactor.seconds() - worker.started
+        delay = RESPAWN_DELAY
+        if lived < EARLY_DEATH:
+            delay = min(MAX_RESPAWN_DELAY, 2 * self._delays.get(worker.slot, delay / 2))
+        self._delays[worker.slot] = delay
+        _log.warn(
+            "worker {slot} ended ({why}); starting another in {delay:g}s",
+            slot=worker.slot,
+            why=reason.getErrorMessage(),
+            delay=delay,
+        )
+        self._respawns[worker.slot] = self.reactor.callLater(
+            delay, self._spawn, worker.slot
+        )
+
+    def _sighup(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self._forward, "HUP")
+
+    def _forward(self, name: str) -> None:
+        for worker in list(self.workers.values()):
+            worker.send(name)
+
+    # -- stop ------------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        for call in self._respawns.values():
+            if call.active():
+                call.cancel()
+        self._respawns.clear()
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        workers = list(self.workers.values())
+        self._forward("TERM")
+        if workers:
+            all_ended = defer.DeferredList(
+                [w.ended for w in workers], consumeErrors=True
+            )
+            timer = self.reactor.callLater(STOP_GRACE, self._forward, "KILL")
+            await all_ended
+            if timer.active():
+                timer.cancel()
+        ports, self.ports = self.ports, []
+        for port in ports:
+            await defer.maybeDeferred(port.stopListening)
+
+
+def _fatal(message: str) -> None:
+    print(f"cachingproxy: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+__all__ = ["Supervisor"]

@@ -1,0 +1,107 @@
+"""One worker process: a whole proxy on sockets its supervisor bound.
+
+Started by :class:`~cachingproxy.workers.supervisor.Supervisor` as
+``python -m cachingproxy.workers.worker``; reads its :class:`WorkerPlan`
+(pickled, length-prefixed) from stdin, which then stays open as the lifeline
+(:mod:`cachingproxy.workers.lifeline`).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+from typing import Any
+
+from attrs import frozen
+from twisted.internet.interfaces import IStreamServerEndpoint
+
+from cachingproxy.cache.store import DiskStore
+from cachingproxy.config import ProxyConfig
+from cachingproxy.interfaces import ICacheStore
+from cachingproxy.service import ProxyService
+from cachingproxy.workers import lifeline
+from cachingproxy.workers.sockets import AdoptedEndpoint, Bound
+
+
+@frozen
+class WorkerPlan:
+    """What a worker needs from its supervisor."""
+
+    config: ProxyConfig
+    slot: int
+    """Which of the N workers this is (0-based; a replacement keeps the slot)."""
+    sockets: tuple[Bound, ...]
+    """The supervisor's sockets; the worker has them at fds 3, 4, …"""
+    supervisor: int
+    """The supervisor's pid."""
+
+
+FIRST_FD = 3
+"""The worker's descriptor for ``sockets[0]``; the others follow."""
+
+
+class WorkerService(ProxyService):
+    """A ProxyService that adopts its listening sockets and shares its cache."""
+
+    def __init__(self, plan: WorkerPlan, reactor: Any = None) -> None:
+        super().__init__(plan.config, reactor)
+        self.plan = plan
+        self._fds = {
+            (b.option, b.description): FIRST_FD + i for i, b in enumerate(plan.sockets)
+        }
+        self._families = {b.description: b.family for b in plan.sockets}
+
+    def endpoint(self, description: str) -> IStreamServerEndpoint:
+        option = "--listen" if description in self.config.listen else "--listen-tls"
+        fd = self._fds.get((option, description))
+        if fd is None:  # the same string given to both options
+            fd = next(v for (_, d), v in self._fds.items() if d == description)
+        return AdoptedEndpoint(
+            self.reactor, description, fd, self._families[description]
+        )
+
+    def open_store(self) -> ICacheStore:
+        config = self.config
+        return DiskStore.open(
+            config.cache_dir,
+            reactor=self.reactor,
+            max_size=config.max_size,
+            sweep=False,
+        )
+
+
+def main() -> None:
+    """The worker's entry point."""
+    parent = os.getppid()
+    lifeline.die_with_parent(parent)
+    plan: WorkerPlan = pickle.loads(lifeline.read_frame(0))
+    if plan.supervisor != parent:
+        sys.exit(1)
+    from twisted.internet import reactor as global_reactor
+    from twisted.logger import ILogObserver, globalLogBeginner, textFileLogObserver
+    from zope.interface import implementer
+
+    reactor: Any = global_reactor
+
+    observer = textFileLogObserver(sys.stdout)
+
+    @implementer(ILogObserver)
+    def labelled(event: dict[str, Any]) -> None:
+        event.setdefault("log_system", f"worker {plan.slot} ({os.getpid()})")
+        observer(event)
+
+    globalLogBeginner.beginLoggingTo([labelled], redirectStandardIO=False)
+    service = WorkerService(plan, reactor)
+    service.privilegedStartService()
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    lifeline.watch(0, lambda: reactor.callFromThread(reactor.stop))
+    # Ctrl-C reaches the whole process group: the supervisor decides.
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
