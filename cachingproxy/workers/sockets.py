@@ -37,6 +37,8 @@ class Bound:
 class _NoConnections(Factory):
     """The supervisor never accepts; if it ever did, it would hang up."""
 
+    noisy = False
+
     def buildProtocol(self, addr: object) -> Protocol | None:  # noqa: N802
         return None
 

@@ -124,12 +124,12 @@ class Supervisor(Service):
                 ProxyAuth(config.proxy_auth, self.reactor, self.reactor).close()
             except HtpasswdError as e:
                 _fatal(f"--proxy-auth {config.proxy_auth}: {e}")
-        check._interception()
         try:
             store = DiskStore.open(config.cache_dir, reactor=self.reactor)
         except Exception as e:
             _fatal(f"--cache-dir {config.cache_dir}: cannot open the cache: {e}")
         store.close()
+        check._interception()
         for name in SHARED:
             path = run_dir(config.cache_dir, name)
             shutil.rmtree(path, ignore_errors=True)
