@@ -41,6 +41,7 @@ from cachingproxy.fetch.outcomes import (
     error_status,
     plan_range,
 )
+from cachingproxy.front import methods
 from cachingproxy.front.auth import ProxyAuth, send_auth_required
 from cachingproxy.front.exchange import Exchange
 from cachingproxy.front.origdst import original_destination
@@ -234,6 +235,8 @@ class Proxy(MirrorServing):
         info.url = route.url
         info.upstream = route.url.split("/", 3)[2]
         client_headers = pairs_from_headers(request.requestHeaders)
+        if (answer := methods.local_answer(method, client_headers)) is not None:
+            return self._local(request, answer, info)
         rule = policy.select_rule(self.rules, route.url)
         if policy.request_bypass(rule, method, client_headers) is not None:
             return await self._bypass(request, route.url, method, client_headers, info)
@@ -303,6 +306,10 @@ class Proxy(MirrorServing):
         elif self.config.offline:
             return self._error(
                 request, 504, "not cached and --offline", info, CacheStatus.OFFLINE
+            )
+        if policy.only_if_cached(client_headers):
+            return self._error(
+                request, 504, "not cached (only-if-cached)", info, CacheStatus.MISS
             )
         if head_only and entry is None:
             return await self._bypass(
@@ -417,8 +424,14 @@ class Proxy(MirrorServing):
                 url=download.url,
                 why=describe(outcome),
             )
+            if outcome.response is not None:
+                outcome.response.deliverBody(Discard())
             return await self._serve_entry(
                 request, stale, CacheStatus.STALE, client_headers, info
+            )
+        if outcome.response is not None:  # the origin's own 5xx (SPEC 5)
+            return self._pass_through(
+                request, outcome.response, outcome, CacheStatus.MISS, info
             )
         status, message = error_status(outcome)
         return self._error(request, status, message, info, CacheStatus.MISS)
@@ -502,6 +515,8 @@ class Proxy(MirrorServing):
         client_headers: list[Header],
         info: Exchange,
     ) -> None:
+        if request._disconnected:
+            return  # the client left while the head was on its way
         # A body that is complete but not yet committed is already ours.
         cache = info.cache = (
             CacheStatus.HIT if download.body_complete else CacheStatus.MISS
@@ -530,9 +545,11 @@ class Proxy(MirrorServing):
             [*outcome.headers, *extra],
             cache=cache,
             via=self.via,
-            age=0,
             length=None if end is None else end - start,
             phrase=outcome.phrase if status == outcome.status else None,
+            age=policy.corrected_age(
+                outcome.headers, download.started_at, self.clock.seconds()
+            ),
         )
         # Boxed: a Failure given to callback() would errback the Deferred.
         done: defer.Deferred[list[Failure | None]] = defer.Deferred()
@@ -561,7 +578,7 @@ class Proxy(MirrorServing):
             return self._error(request, 504, "--offline", info, CacheStatus.OFFLINE)
         headers = [
             (k, v)
-            for k, v in H.end_to_end(client_headers)
+            for k, v in methods.forwarded(method, H.end_to_end(client_headers))
             if k.lower() not in ("host", "via", "content-length")
         ]
         headers.append(("Via", self._upstream_via(client_headers)))
@@ -593,6 +610,10 @@ class Proxy(MirrorServing):
             response.phrase.decode("latin-1", "replace"),
             tuple(H.end_to_end(pairs_from_headers(response.headers))),
         )
+        for stale_url in policy.invalidated_urls(
+            method, outcome.status, url, outcome.headers
+        ):
+            await self.purge_url(stale_url)
         self._pass_through(request, response, outcome, cache, info)
 
     def _pass_through(
@@ -611,6 +632,8 @@ class Proxy(MirrorServing):
             d.addErrback(self.crashed, request)
             return
         length = response.length if isinstance(response.length, int) else None
+        if request.method == b"HEAD":  # no body: the origin's length (SPEC 3)
+            length = H.content_length(outcome.headers)
         self._set_head(
             info,
             request,
@@ -620,6 +643,7 @@ class Proxy(MirrorServing):
             via=self.via,
             length=length,
             phrase=outcome.phrase,
+            age=policy.relayed_age(outcome.headers, info.started, self.clock.seconds()),
         )
         if (
             request.method == b"HEAD"
@@ -678,6 +702,26 @@ class Proxy(MirrorServing):
         info.cache = cache
         if not client_gone(request) and not request.finished:
             send_error(request, status, message, cache=cache, via=self.via)
+
+    def _local(
+        self, request: Request, answer: methods.LocalAnswer, info: Exchange
+    ) -> None:
+        """A response the proxy gives itself (TRACE, OPTIONS Max-Forwards: 0)."""
+        info.cache = CacheStatus.NONE
+        body = f"{answer.status} {answer.message}\n".encode() if answer.message else b""
+        extra = [("Content-Type", "text/plain; charset=utf-8")] if body else []
+        self._set_head(
+            info,
+            request,
+            answer.status,
+            [*answer.headers, *extra],
+            cache=CacheStatus.NONE,
+            via=self.via,
+            length=len(body),
+        )
+        if body and request.method != b"HEAD":
+            request.write(body)
+        request.finish()
 
     def intercepts(self, host: str) -> bool:
         """Whether CONNECTs to ``host`` are intercepted (--intercept)."""

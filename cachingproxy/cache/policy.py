@@ -8,9 +8,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from email.utils import parsedate_to_datetime
 from enum import Enum
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from attrs import frozen
 
@@ -51,8 +50,9 @@ class BadURL(ValueError):
 
 
 def normalize_url(url: str) -> str:
-    """The cache key form of ``url``: scheme and host lower-cased, default port
-    and fragment dropped, empty path as ``/``.
+    """The cache key form of ``url``: scheme and host lower-cased, a trailing
+    dot of the host, the default port and the fragment dropped, empty path
+    as ``/``.
 
     @raise BadURL: not an absolute http(s) URL with a valid host and port, or
         carrying user info.
@@ -76,6 +76,8 @@ def normalize_url(url: str) -> str:
         host = f"[{host}]"
     if not host or not _HOST_RE.match(host):
         raise BadURL(f"bad host in {url!r}")
+    # "example.org." is the same (fully qualified) name: one key for both.
+    host = host.removesuffix(".")
     if port == 0:
         raise BadURL(f"bad port in {url!r}")
     netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
@@ -205,16 +207,46 @@ def is_storable(
     return lifetime > 0 or has_validator
 
 
+# -- Invalidation ------------------------------------------------------------
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
+def invalidated_urls(
+    method: str, status: int, url: str, response_headers: Iterable[Header]
+) -> list[str]:
+    """The cache keys an unsafe request's response invalidates (RFC 9111 4.4).
+
+    A non-error response (2xx, 3xx) to a method that is not safe invalidates
+    the target URL and the URLs in ``Location`` and ``Content-Location`` when
+    they are on the same host (scheme, host and port) as ``url`` — another
+    origin's entries are never dropped on a third party's say-so.
+    """
+    if method.upper() in _SAFE_METHODS or not 200 <= status < 400:
+        return []
+    items = list(response_headers)
+    origin = url.split("/", 3)[:3]
+    result = [url]
+    for name in ("location", "content-location"):
+        value = H.get(items, name)
+        if value is None or "," in value:
+            continue
+        try:
+            target = normalize_url(urljoin(url, value.strip()))
+        except (BadURL, ValueError):
+            continue
+        if target.split("/", 3)[:3] == origin and target not in result:
+            result.append(target)
+    return result
+
+
 # -- Freshness -------------------------------------------------------------
 
 
 def _http_date(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
+    """A strict HTTP-date: anything else is invalid (an invalid Expires means
+    already expired, RFC 9111 5.3)."""
+    return H.parse_http_date(value)
 
 
 def _origin_lifetime(status: int, items: list[Header]) -> float:
@@ -267,6 +299,34 @@ def parse_age(response_headers: Iterable[Header]) -> float:
         return float(max(0, int((value or "0").split(",")[0].strip())))
     except ValueError:
         return 0.0
+
+
+def corrected_age(
+    response_headers: Iterable[Header], request_time: float, now: float
+) -> float:
+    """The age of a response received from upstream, at ``now``: its ``Age``
+    plus the time since the request was sent (RFC 9111 4.2.3, counting the
+    response delay conservatively)."""
+    return parse_age(response_headers) + max(0.0, now - request_time)
+
+
+def relayed_age(
+    response_headers: Iterable[Header], request_time: float, now: float
+) -> float | None:
+    """The ``Age`` for a response relayed unstored: None when the upstream
+    sent none (the response did not come from a cache), else
+    :func:`corrected_age`."""
+    items = list(response_headers)
+    if H.get(items, "age") is None:
+        return None
+    return corrected_age(items, request_time, now)
+
+
+def only_if_cached(request_headers: Iterable[Header]) -> bool:
+    """Whether the client forbids going upstream (``only-if-cached``, RFC
+    9111 5.2.1.7): a request the cache cannot answer gets ``504``."""
+    cc = H.parse_cache_control(H.get(request_headers, "cache-control"))
+    return "only-if-cached" in cc
 
 
 def request_wants_revalidation(
@@ -467,19 +527,23 @@ __all__ = [
     "Bypass",
     "ByteRange",
     "Unsatisfiable",
+    "corrected_age",
     "current_age",
     "default_rules",
     "freshness_lifetime",
     "if_range_matches",
     "index_refresh_due",
+    "invalidated_urls",
     "is_fresh",
     "is_storable",
     "normalize_url",
     "not_modified",
+    "only_if_cached",
     "parse_age",
     "parse_range",
     "parse_vary",
     "refreshed",
+    "relayed_age",
     "request_bypass",
     "request_wants_revalidation",
     "select_rule",

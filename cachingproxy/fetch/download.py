@@ -251,6 +251,12 @@ class Download:
             if self._passthrough_taken:
                 return Outcome(OutcomeKind.RETRY)
             self._passthrough_taken = True
+        elif outcome.response is not None:
+            # An origin's 5xx: its body goes to one client, the others get
+            # the status without it.
+            if self._passthrough_taken:
+                return attrs.evolve(outcome, response=None)
+            self._passthrough_taken = True
         return outcome
 
     def _decide(self, outcome: Outcome) -> None:
@@ -258,7 +264,7 @@ class Download:
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(outcome)
-        if outcome.kind is OutcomeKind.PASSTHROUGH and not self._passthrough_taken:
+        if outcome.response is not None and not self._passthrough_taken:
             # Every client went away before the head came.
             assert outcome.response is not None
             outcome.response.deliverBody(Discard())
@@ -306,9 +312,13 @@ class Download:
             response.deliverBody(Discard())
             return defer.Deferred.fromCoroutine(self._refresh(headers))
         if status >= 500:
+            # Kept for relaying when there is no stale copy to serve (SPEC 5).
             self._on_upstream_error("http_5xx")
-            response.deliverBody(Discard())
-            self._decide(Outcome(OutcomeKind.ERROR, status=status, phrase=phrase))
+            self._decide(
+                Outcome(
+                    OutcomeKind.ERROR, status, phrase, tuple(headers), response=response
+                )
+            )
             return None
         length = response.length if isinstance(response.length, int) else None
         vary = policy.parse_vary(headers)
@@ -453,7 +463,9 @@ class Download:
             status=self._status,
             headers=tuple(self._headers),
             stored_at=self._clock.seconds(),
-            initial_age=policy.parse_age(self._headers),
+            initial_age=policy.corrected_age(
+                self._headers, self.started_at, self._clock.seconds()
+            ),
         )
         d = self._writer.commit(entry)
 

@@ -11,16 +11,22 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 
 
 def client_key(address: IAddress | None) -> str | None:
-    """The client address connections are counted by: its IP, with
-    IPv4-mapped IPv6 addresses as plain IPv4; None for UNIX sockets."""
+    """The client connections are counted by: its IPv4 address (IPv4-mapped
+    IPv6 addresses as plain IPv4), or the /64 of its IPv6 address — one
+    host often holds a whole /64 and can pick any address in it (link-local
+    addresses, which every host on a link shares the prefix of, count one by
+    one); None for UNIX sockets."""
     if not isinstance(address, IPv4Address | IPv6Address):
         return None
     try:
         ip = ipaddress.ip_address(address.host.split("%", 1)[0])
     except ValueError:
         return address.host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if not ip.is_loopback and not ip.is_link_local:
+            return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
 
 

@@ -24,7 +24,7 @@ from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.status import CacheStatus
 from cachingproxy.config import FOREVER, ProxyConfig, Rule
 from cachingproxy.fetch.download import Download, Downloads
-from cachingproxy.fetch.outcomes import Outcome, OutcomeKind
+from cachingproxy.fetch.outcomes import Discard, Outcome, OutcomeKind
 from cachingproxy.fetch.upstream import pairs_from_headers
 from cachingproxy.front.exchange import Exchange
 from cachingproxy.front.responses import client_gone, set_head
@@ -217,6 +217,8 @@ class MirrorServing:
                 return outcome.status, list(outcome.headers), body, CacheStatus.MISS
         except Exception as e:
             _log.warn("cannot read {url}: {e}", url=url, e=e)
+        if outcome.kind is OutcomeKind.ERROR and outcome.response is not None:
+            outcome.response.deliverBody(Discard())  # an origin's 5xx
         if entry is not None and policy.stale_allowed(
             rule, entry, now, cfg.index_ttl, cfg.negative_ttl, cfg.max_stale
         ):

@@ -18,8 +18,24 @@ from cachingproxy.front.surface import Surface
 _log = Logger()
 
 
+_RELAYED = (b"via", b"forwarded", b"x-forwarded-for")
+
+
+def arrived_through_proxy(request: Request) -> bool:
+    """Whether a request was relayed by a proxy (``Via``, ``Forwarded``,
+    ``X-Forwarded-For``, or an absolute-form target, which only proxies and
+    proxy clients send): its loopback peer is not the operator (SPEC 9)."""
+    uri: bytes = getattr(request, "uri", b"/")
+    return not uri.startswith(b"/") or any(
+        request.getHeader(name) is not None for name in _RELAYED
+    )
+
+
 def is_authorised(request: Request, token: str | None) -> bool:
-    """Loopback clients, or ``Authorization: Bearer TOKEN`` when a token is set."""
+    """Local clients (loopback or a UNIX socket) that did not come through a
+    proxy, or ``Authorization: Bearer TOKEN`` when a token is set."""
+    if arrived_through_proxy(request):
+        return _bearer(request, token)
     host = getattr(request.getClientAddress(), "host", None)
     if host is None:
         return True  # a UNIX socket: only local users can reach it
@@ -31,6 +47,11 @@ def is_authorised(request: Request, token: str | None) -> bool:
         ip = ip.ipv4_mapped
     if ip is not None and ip.is_loopback:
         return True
+    return _bearer(request, token)
+
+
+def _bearer(request: Request, token: str | None) -> bool:
+    """``Authorization: Bearer TOKEN`` with the configured token."""
     if token is None:
         return False
     supplied = (request.getHeader(b"authorization") or b"").decode("latin-1")
