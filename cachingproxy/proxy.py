@@ -22,7 +22,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from cachingproxy import __version__
 from cachingproxy.cache import headers as H
-from cachingproxy.cache import policy
+from cachingproxy.cache import invalidation, policy
+from cachingproxy.cache.age import corrected_age, relayed_age
 from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.status import CacheStatus
 from cachingproxy.config import ProxyConfig, Rule
@@ -515,7 +516,7 @@ class Proxy(MirrorServing):
         client_headers: list[Header],
         info: Exchange,
     ) -> None:
-        if request._disconnected:
+        if client_gone(request):
             return  # the client left while the head was on its way
         # A body that is complete but not yet committed is already ours.
         cache = info.cache = (
@@ -547,7 +548,7 @@ class Proxy(MirrorServing):
             via=self.via,
             length=None if end is None else end - start,
             phrase=outcome.phrase if status == outcome.status else None,
-            age=policy.corrected_age(
+            age=corrected_age(
                 outcome.headers, download.started_at, self.clock.seconds()
             ),
         )
@@ -610,7 +611,7 @@ class Proxy(MirrorServing):
             response.phrase.decode("latin-1", "replace"),
             tuple(H.end_to_end(pairs_from_headers(response.headers))),
         )
-        for stale_url in policy.invalidated_urls(
+        for stale_url in invalidation.invalidated_urls(
             method, outcome.status, url, outcome.headers
         ):
             await self.purge_url(stale_url)
@@ -643,7 +644,7 @@ class Proxy(MirrorServing):
             via=self.via,
             length=length,
             phrase=outcome.phrase,
-            age=policy.relayed_age(outcome.headers, info.started, self.clock.seconds()),
+            age=relayed_age(outcome.headers, info.started, self.clock.seconds()),
         )
         if (
             request.method == b"HEAD"

@@ -24,8 +24,8 @@ from twisted.web.http import datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
+from cachingproxy.cache import age, invalidation, policy
 from cachingproxy.cache import headers as H
-from cachingproxy.cache import policy
 from cachingproxy.config import Rule
 from cachingproxy.errors import UpstreamTimeout
 from cachingproxy.fetch.upstream import DestinationPolicy, Upstream
@@ -131,19 +131,19 @@ class InvalidationTests(TestCase):
             ("Content-Location", "http://other.test/z"),
         ]
         self.assertEqual(
-            policy.invalidated_urls("DELETE", 204, url, headers),
+            invalidation.invalidated_urls("DELETE", 204, url, headers),
             [url, "http://a.test/y?z"],
         )
         self.assertEqual(
-            policy.invalidated_urls(
+            invalidation.invalidated_urls(
                 "PATCH", 303, url, [("Location", "HTTP://A.test:80/q")]
             ),
             [url, "http://a.test/q"],
         )
-        self.assertEqual(policy.invalidated_urls("POST", 500, url, headers), [])
-        self.assertEqual(policy.invalidated_urls("GET", 200, url, headers), [])
+        self.assertEqual(invalidation.invalidated_urls("POST", 500, url, headers), [])
+        self.assertEqual(invalidation.invalidated_urls("GET", 200, url, headers), [])
         self.assertEqual(
-            policy.invalidated_urls(
+            invalidation.invalidated_urls(
                 "POST", 200, url, [("Location", "https://a.test/y")]
             ),
             [url],
@@ -174,10 +174,10 @@ class AgeTests(TestCase):
         self.assertGreaterEqual(int(header(r2, "age") or "0"), 7200)
 
     def test_corrected_age(self) -> None:
-        self.assertEqual(policy.corrected_age([("Age", "10")], 100.0, 103.0), 13.0)
-        self.assertEqual(policy.corrected_age([], 100.0, 99.0), 0.0)
-        self.assertIsNone(policy.relayed_age([], 100.0, 103.0))
-        self.assertEqual(policy.relayed_age([("age", "5")], 100.0, 101.0), 6.0)
+        self.assertEqual(age.corrected_age([("Age", "10")], 100.0, 103.0), 13.0)
+        self.assertEqual(age.corrected_age([], 100.0, 99.0), 0.0)
+        self.assertIsNone(age.relayed_age([], 100.0, 103.0))
+        self.assertEqual(age.relayed_age([("age", "5")], 100.0, 101.0), 6.0)
 
 
 # The caching test suite's Expires vectors (cache-tests.fyi, expires-parse).

@@ -9,11 +9,12 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from enum import Enum
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from attrs import frozen
 
 from cachingproxy.cache import headers as H
+from cachingproxy.cache.age import current_age, parse_age
 from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.config import FOREVER, Rule
 
@@ -207,39 +208,6 @@ def is_storable(
     return lifetime > 0 or has_validator
 
 
-# -- Invalidation ------------------------------------------------------------
-
-_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-
-
-def invalidated_urls(
-    method: str, status: int, url: str, response_headers: Iterable[Header]
-) -> list[str]:
-    """The cache keys an unsafe request's response invalidates (RFC 9111 4.4).
-
-    A non-error response (2xx, 3xx) to a method that is not safe invalidates
-    the target URL and the URLs in ``Location`` and ``Content-Location`` when
-    they are on the same host (scheme, host and port) as ``url`` — another
-    origin's entries are never dropped on a third party's say-so.
-    """
-    if method.upper() in _SAFE_METHODS or not 200 <= status < 400:
-        return []
-    items = list(response_headers)
-    origin = url.split("/", 3)[:3]
-    result = [url]
-    for name in ("location", "content-location"):
-        value = H.get(items, name)
-        if value is None or "," in value:
-            continue
-        try:
-            target = normalize_url(urljoin(url, value.strip()))
-        except (BadURL, ValueError):
-            continue
-        if target.split("/", 3)[:3] == origin and target not in result:
-            result.append(target)
-    return result
-
-
 # -- Freshness -------------------------------------------------------------
 
 
@@ -285,41 +253,6 @@ def freshness_lifetime(
     if entry.status in (301, 308):
         return index_ttl
     return rule.ttl
-
-
-def current_age(entry: StoredResponse, now: float) -> float:
-    """Age of ``entry`` at ``now``: the upstream's Age plus time spent here."""
-    return entry.initial_age + max(0.0, now - entry.stored_at)
-
-
-def parse_age(response_headers: Iterable[Header]) -> float:
-    """The upstream ``Age`` header as seconds (0 when absent or invalid)."""
-    value = H.get(response_headers, "age")
-    try:
-        return float(max(0, int((value or "0").split(",")[0].strip())))
-    except ValueError:
-        return 0.0
-
-
-def corrected_age(
-    response_headers: Iterable[Header], request_time: float, now: float
-) -> float:
-    """The age of a response received from upstream, at ``now``: its ``Age``
-    plus the time since the request was sent (RFC 9111 4.2.3, counting the
-    response delay conservatively)."""
-    return parse_age(response_headers) + max(0.0, now - request_time)
-
-
-def relayed_age(
-    response_headers: Iterable[Header], request_time: float, now: float
-) -> float | None:
-    """The ``Age`` for a response relayed unstored: None when the upstream
-    sent none (the response did not come from a cache), else
-    :func:`corrected_age`."""
-    items = list(response_headers)
-    if H.get(items, "age") is None:
-        return None
-    return corrected_age(items, request_time, now)
 
 
 def only_if_cached(request_headers: Iterable[Header]) -> bool:
@@ -527,13 +460,11 @@ __all__ = [
     "Bypass",
     "ByteRange",
     "Unsatisfiable",
-    "corrected_age",
     "current_age",
     "default_rules",
     "freshness_lifetime",
     "if_range_matches",
     "index_refresh_due",
-    "invalidated_urls",
     "is_fresh",
     "is_storable",
     "normalize_url",
@@ -543,7 +474,6 @@ __all__ = [
     "parse_range",
     "parse_vary",
     "refreshed",
-    "relayed_age",
     "request_bypass",
     "request_wants_revalidation",
     "select_rule",

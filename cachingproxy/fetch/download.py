@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from cachingproxy.cache import headers as H
 from cachingproxy.cache import policy
+from cachingproxy.cache.age import corrected_age
 from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.pump import CHUNK_SIZE, Pump
 from cachingproxy.config import Rule
@@ -463,7 +464,7 @@ class Download:
             status=self._status,
             headers=tuple(self._headers),
             stored_at=self._clock.seconds(),
-            initial_age=policy.corrected_age(
+            initial_age=corrected_age(
                 self._headers, self.started_at, self._clock.seconds()
             ),
         )

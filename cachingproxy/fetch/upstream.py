@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
-from attrs import frozen
 from OpenSSL import crypto
 from twisted.internet import defer, threads
 from twisted.internet._sslverify import IOpenSSLTrustRoot
@@ -23,31 +22,28 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.error import ConnectError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import (
-    IHandshakeListener,
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
 )
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ProxyAgent,
-    _HTTP11ClientFactory,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from cachingproxy.config import Network
 from cachingproxy.errors import DestinationRefused, UpstreamTimeout
+from cachingproxy.fetch.client import ClientProtocol, QuietClientFactory, with_timeout
+from cachingproxy.fetch.destination import DestinationPolicy, embedded_ipv4
 from cachingproxy.fetch.parent import (
     TunnelEndpoint,
     TunnelEndpointFactory,
@@ -59,84 +55,6 @@ Resolver = Callable[[str, int], "defer.Deferred[list[str]]"]
 """Resolves a host name to IP address strings."""
 
 _log = Logger()
-
-_LOST = Failure(ConnectionDone())
-
-
-_NAT64 = (
-    ipaddress.IPv6Network("64:ff9b::/96"),
-    ipaddress.IPv6Network("64:ff9b:1::/48"),
-)
-_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
-
-
-def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """The IPv4 addresses an IPv6 address leads to (SPEC 8): IPv4-mapped
-    ``::ffff:a.b.c.d``, IPv4-compatible ``::a.b.c.d``, NAT64 (the well-known
-    ``64:ff9b::/96`` and the local-use ``64:ff9b:1::/48``, last 32 bits),
-    6to4 ``2002::/16`` and Teredo ``2001::/32`` (server and client)."""
-    if ip.ipv4_mapped is not None:
-        return [ip.ipv4_mapped]
-    if ip.sixtofour is not None:
-        return [ip.sixtofour]
-    if ip.teredo is not None:
-        return list(ip.teredo)
-    if any(ip in net for net in _NAT64) or (
-        ip in _IPV4_COMPATIBLE and int(ip) > 1  # not :: or ::1
-    ):
-        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
-    return []
-
-
-@frozen
-class DestinationPolicy:
-    """Which upstream addresses and ports may be reached (SPEC 8)."""
-
-    allow_upstream: tuple[Network, ...] = ()
-    upstream_ports: frozenset[int] = frozenset({80, 443})
-    own_addresses: frozenset[str] = frozenset()
-    own_listeners: set[tuple[str, int]] = attrs.field(factory=set)
-    """(address, port) the proxy listens on, ``""`` for any address; filled in
-    once listening.  Never reached, whatever --allow-upstream says (a loop)."""
-
-    def refusal(self, address: str, port: int, mirrored: bool = False) -> str | None:
-        """Why connecting to ``address:port`` is refused, or None if allowed.
-
-        An IPv6 address that embeds IPv4 addresses is refused when any of
-        them is (a NAT64 gateway would lead to the metadata service).
-        """
-        ip = ipaddress.ip_address(address)
-        if isinstance(ip, ipaddress.IPv6Address):
-            inner = embedded_ipv4(ip)
-            if ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            else:
-                for v4 in inner:
-                    reason = self._refusal(v4, port, mirrored)
-                    if reason is not None:
-                        return f"{address} embeds {reason}"
-        return self._refusal(ip, port, mirrored)
-
-    def _refusal(
-        self,
-        ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
-        port: int,
-        mirrored: bool,
-    ) -> str | None:
-        if (str(ip), port) in self.own_listeners or (
-            ("", port) in self.own_listeners
-            and (ip.is_loopback or str(ip) in self.own_addresses)
-        ):
-            return f"{ip}:{port} is the proxy itself"
-        if any(ip in net for net in self.allow_upstream):
-            return None
-        if str(ip) in self.own_addresses:
-            return f"{ip} is one of the proxy's own addresses"
-        if not ip.is_global or ip.is_multicast:
-            return f"{ip} is not a public address (see --allow-upstream)"
-        if not mirrored and port not in self.upstream_ports:
-            return f"port {port} is not an allowed upstream port (see --upstream-ports)"
-        return None
 
 
 def getaddrinfo_resolver(reactor: Any) -> Resolver:
@@ -206,7 +124,7 @@ class _CheckedEndpoint:
             addresses = [str(ipaddress.ip_address(host))]
         except ValueError:
             try:
-                addresses = await _with_timeout(
+                addresses = await with_timeout(
                     f.reactor, f.resolve(host, self._port), f.connect_timeout
                 )
             except UpstreamTimeout:
@@ -255,11 +173,11 @@ class _CheckedEndpoint:
             protocol: IProtocol = await endpoint.connect(protocol_factory)
         except ConnectTimeoutError as e:
             raise UpstreamTimeout(f"connect to {host}:{self._port} timed out") from e
-        if self._tls and isinstance(protocol, _ClientProtocol):
+        if self._tls and isinstance(protocol, ClientProtocol):
             # --connect-timeout covers the TLS handshake too.
             left = f.connect_timeout - (f.reactor.seconds() - started)
             try:
-                await _with_timeout(f.reactor, protocol.handshake_done(), left)
+                await with_timeout(f.reactor, protocol.handshake_done(), left)
             except UpstreamTimeout:
                 protocol.transport.abortConnection()  # type: ignore[union-attr]
                 raise UpstreamTimeout(
@@ -292,134 +210,6 @@ class _CheckedEndpointFactory:
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:  # noqa: N802
         return _CheckedEndpoint(self, uri)
-
-
-async def _with_timeout(reactor: Any, d: defer.Deferred[Any], seconds: float) -> Any:
-    """Await ``d``, cancelling it and raising UpstreamTimeout after ``seconds``."""
-    timed_out = []
-
-    def expire() -> None:
-        timed_out.append(True)
-        d.cancel()
-
-    call = reactor.callLater(seconds, expire)
-    try:
-        return await d
-    except Exception:
-        # Cancellation surfaces as CancelledError or wrapped in
-        # ResponseNeverReceived, depending on when it happened.
-        if timed_out:
-            raise UpstreamTimeout(f"no answer within {seconds:g}s") from None
-        raise
-    finally:
-        if call.active():
-            call.cancel()
-
-
-@implementer(IHandshakeListener)
-class _ClientProtocol(HTTP11ClientProtocol):
-    """Also shows the response's ``Connection`` header to the proxy, and
-    enforces ``--read-timeout`` for the response head.
-
-    Twisted keeps ``Connection`` among the connection-control headers, out of
-    ``response.headers``, so the header names it lists (hop-by-hop, never to
-    be forwarded) would otherwise reach the client.
-
-    The head must arrive within ``read_timeout`` seconds of the request
-    being sent (SPEC 5); the time the request body takes to go out does
-    not count.  Between body bytes the reader of the body times out.
-    """
-
-    def __init__(
-        self,
-        quiescent_callback: Any,
-        clock: Any = None,
-        read_timeout: float | None = None,
-    ) -> None:
-        super().__init__(quiescent_callback)
-        self._clock = clock
-        self._read_timeout = read_timeout
-        self._handshake: defer.Deferred[None] = defer.Deferred()
-
-    def handshakeCompleted(self) -> None:  # noqa: N802
-        if not self._handshake.called:
-            self._handshake.callback(None)
-
-    def handshake_done(self) -> defer.Deferred[None]:
-        """Fires once TLS is established, or the connection is gone."""
-        d: defer.Deferred[None] = defer.Deferred()
-
-        def fire(result: None) -> None:
-            d.callback(None)
-            return result
-
-        self._handshake.addBoth(fire)
-        return d
-
-    def connectionLost(self, reason: Failure = _LOST) -> None:  # noqa: N802
-        self.handshakeCompleted()
-        super().connectionLost(reason)
-
-    def request(self, request: Any) -> defer.Deferred[IResponse]:
-        d: defer.Deferred[IResponse] = super().request(request)
-        if self._clock is not None and self._read_timeout is not None:
-            self._time_head(d, self._clock, self._read_timeout)
-        parser = self._parser
-        if parser is not None:
-            original = parser.headerReceived
-
-            def header_received(name: bytes, value: bytes) -> None:
-                original(name, value)
-                if name.lower() == b"connection":
-                    parser.headers.addRawHeader(b"connection", value)
-
-            parser.headerReceived = header_received  # type: ignore[method-assign]
-        return d
-
-    def _time_head(
-        self, d: defer.Deferred[IResponse], clock: Any, seconds: float
-    ) -> None:
-        timed_out: list[bool] = []
-        calls: list[Any] = []
-
-        def expire() -> None:
-            if self.state == "TRANSMITTING":  # still sending the request body
-                calls.append(clock.callLater(seconds, expire))
-                return
-            timed_out.append(True)
-            if self.transport is not None:
-                self.transport.abortConnection()  # type: ignore[attr-defined]
-
-        def done(result: Any) -> Any:
-            if calls[-1].active():
-                calls[-1].cancel()
-            if timed_out and isinstance(result, Failure):
-                return Failure(UpstreamTimeout(f"no response head within {seconds:g}s"))
-            return result
-
-        calls.append(clock.callLater(seconds, expire))
-        d.addBoth(done)
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """Does not log every new upstream connection; uses ``_ClientProtocol``."""
-
-    noisy = False
-
-    def __init__(
-        self,
-        quiescent_callback: Any,
-        metadata: Any,
-        *,
-        clock: Any = None,
-        read_timeout: float | None = None,
-    ) -> None:
-        super().__init__(quiescent_callback, metadata)
-        self._clock = clock
-        self._read_timeout = read_timeout
-
-    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:  # noqa: N802
-        return _ClientProtocol(self._quiescentCallback, self._clock, self._read_timeout)
 
 
 @implementer(IUpstream)
@@ -465,7 +255,7 @@ class Upstream:
     def _new_pool(self) -> HTTPConnectionPool:
         pool = HTTPConnectionPool(self._reactor, persistent=True)
         pool._factory = functools.partial(  # type: ignore[assignment]
-            _QuietClientFactory,
+            QuietClientFactory,
             clock=self._reactor,
             read_timeout=self._read_timeout,
         )
@@ -542,12 +332,12 @@ class Upstream:
             d = agent.request(method, url, headers, body)
             # A parent's CONNECT answer has no timeout of its own.
             return defer.Deferred.fromCoroutine(
-                _with_timeout(
+                with_timeout(
                     self._reactor, d, self._connect_timeout * 2 + self._read_timeout
                 )
             )
         # Resolving, connecting and TLS have the connect timeout; the head
-        # must follow the request within the read timeout (_ClientProtocol).
+        # must follow the request within the read timeout (ClientProtocol).
         return self._agents[mirrored].request(method, url, headers, body)
 
     def close(self) -> defer.Deferred[None]:
