@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from cachingproxy.fetch.outcomes import (
 from cachingproxy.front import methods
 from cachingproxy.front.auth import ProxyAuth, send_auth_required
 from cachingproxy.front.exchange import Exchange
+from cachingproxy.front.limits import client_allowed
 from cachingproxy.front.origdst import original_destination
 from cachingproxy.front.responses import (
     PassThrough,
@@ -257,13 +257,7 @@ class Proxy(MirrorServing):
     # -- checks ----------------------------------------------------------------
 
     def _client_allowed(self, host: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.config.allow_client)
+        return client_allowed(host, self.config.allow_client)
 
     def _is_loop(self, request: Request) -> bool:
         for value in request.requestHeaders.getRawHeaders(b"via", []):

@@ -9,6 +9,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from enum import Enum
+from functools import lru_cache
 from urllib.parse import urlsplit, urlunsplit
 
 from attrs import frozen
@@ -50,10 +51,12 @@ class BadURL(ValueError):
     """A request target that cannot be proxied."""
 
 
+@lru_cache(maxsize=4096)
 def normalize_url(url: str) -> str:
     """The cache key form of ``url``: scheme and host lower-cased, a trailing
     dot of the host, the default port and the fragment dropped, empty path
-    as ``/``.
+    as ``/``.  Remembered (hits ask for the same URLs again and again); a
+    refused URL is not.
 
     @raise BadURL: not an absolute http(s) URL with a valid host and port, or
         carrying user info.
@@ -388,8 +391,10 @@ def not_modified(entry: StoredResponse, request_headers: Iterable[Header]) -> bo
         tags = _etags(inm)
         return "*" in tags or (etag is not None and etag.removeprefix("W/") in tags)
     ims = _http_date(H.get(items, "if-modified-since"))
+    if ims is None:
+        return False
     last_modified = _http_date(entry.header("last-modified"))
-    return ims is not None and last_modified is not None and last_modified <= ims
+    return last_modified is not None and last_modified <= ims
 
 
 _DIGITS_RE = re.compile(r"^[0-9]*\Z")

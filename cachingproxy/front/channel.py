@@ -77,6 +77,7 @@ class Channel(HTTPChannel):
     _head_timer: IDelayedCall | None = None
     _receiving = 0
     """dataReceived calls in progress (requestDone re-enters it)."""
+    _host: Any = None
 
     def connectionMade(self) -> None:  # noqa: N802
         super().connectionMade()
@@ -93,6 +94,15 @@ class Channel(HTTPChannel):
                     return
                 self._client = client
         self._start_head_timer()
+
+    def getHost(self) -> Any:  # noqa: N802
+        # Asked for by every request (twisted.web's Request keeps it); the
+        # local address of a connection does not change, so one
+        # getsockname() serves them all.
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
 
     def take_over(self, protocol: Any) -> None:
         """Hand the connection to ``protocol`` (after a CONNECT's 200): no

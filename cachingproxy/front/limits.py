@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
+from functools import lru_cache
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -28,6 +29,22 @@ def client_key(address: IAddress | None) -> str | None:
         if not ip.is_loopback and not ip.is_link_local:
             return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+@lru_cache(maxsize=1024)
+def client_allowed(
+    host: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    """Whether the client address ``host`` is in ``networks``
+    (``--allow-client``); IPv4-mapped IPv6 addresses count as IPv4.
+    Remembered: a connection's requests all ask the same."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 
 class ConnectionLimiter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
@@ -21,6 +22,43 @@ from cachingproxy.ops.stats import upstream_error_kind
 _OWN = frozenset({"content-length", "age", "x-cache", "via"})
 
 
+_REMEMBERED_HEAD = 8192
+"""Upstream heads up to this many bytes of names and values are remembered."""
+
+
+def _forwarded(
+    headers: tuple[Header, ...], via: str
+) -> tuple[dict[bytes, list[bytes]], bool]:
+    """The upstream's end-to-end headers as sent to the client (without the
+    proxy's own, with ``via`` appended to ``Via``), and whether they have a
+    ``Date``.  Remembered for small heads: a stored entry's headers are sent
+    on every hit."""
+    if sum(len(k) + len(v) for k, v in headers) <= _REMEMBERED_HEAD:
+        return _remembered(headers, via)
+    return _encode(headers, via)
+
+
+def _encode(
+    headers: tuple[Header, ...], via: str
+) -> tuple[dict[bytes, list[bytes]], bool]:
+    raw: dict[bytes, list[bytes]] = {}
+    vias = []
+    has_date = False
+    for name, value in H.end_to_end(headers):
+        lname = name.lower()
+        if lname == "via":
+            vias.append(value)
+        elif lname not in _OWN:
+            has_date = has_date or lname == "date"
+            raw.setdefault(name.encode("latin-1"), []).append(value.encode("latin-1"))
+    vias.append(via)
+    raw[b"Via"] = [", ".join(vias).encode("latin-1")]
+    return raw, has_date
+
+
+_remembered = lru_cache(maxsize=1024)(_encode)
+
+
 def set_head(
     request: Request,
     status: int,
@@ -36,20 +74,15 @@ def set_head(
     """Status and headers for the client: the upstream's end-to-end headers
     plus ``Content-Length``, ``Age``, ``Via`` and ``X-Cache``."""
     request.setResponseCode(status, phrase.encode("latin-1") if phrase else None)
-    out = Headers()
-    vias = []
-    has_date = False
-    for name, value in H.end_to_end(upstream_headers):
-        lname = name.lower()
-        if lname == "via":
-            vias.append(value)
-        elif lname not in _OWN:
-            has_date = has_date or lname == "date"
-            out.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+    items = (
+        upstream_headers
+        if isinstance(upstream_headers, tuple)
+        else tuple(upstream_headers)
+    )
+    raw, has_date = _forwarded(items, via)
+    out = Headers(raw)
     if not has_date:
         out.setRawHeaders(b"Date", [datetimeToString()])
-    vias.append(via)
-    out.setRawHeaders(b"Via", [", ".join(vias).encode("latin-1")])
     out.setRawHeaders(b"X-Cache", [cache.encode("ascii")])
     if upstream is not None:
         out.setRawHeaders(b"X-Cache-Upstream", [upstream.encode("latin-1")])

@@ -26,7 +26,12 @@ from functools import partial
 
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IReactorThreads, IReactorTime
+from twisted.internet.interfaces import (
+    IConsumer,
+    IReactorFDSet,
+    IReactorThreads,
+    IReactorTime,
+)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,6 +40,13 @@ from zope.interface import implementer
 from cachingproxy.cache.entry import StoredResponse, Usage
 from cachingproxy.cache.store._diskwriter import DiskWriter, IBodyCommitter
 from cachingproxy.cache.store._producer import produce, read_range
+from cachingproxy.cache.store._recent import RecentLookups
+from cachingproxy.cache.store._sendfile import (
+    SENDFILE_MIN,
+    Sendfile,
+    socket_of,
+    write_whole,
+)
 from cachingproxy.cache.store.index import (
     BODY_REF,
     Body,
@@ -79,6 +91,7 @@ class DiskStore:
         self._bytes = 0
         self._entries = 0
         self._data_version = 0
+        self._recent = RecentLookups(index.data_version)
         self._flusher = task.LoopingCall(self._flush)
         self._flusher.clock = self._clock
         self._committer = _Committer(self)
@@ -264,6 +277,7 @@ class DiskStore:
         """After the commit: count and unlink the bodies of evicted rows."""
         if not victims:
             return
+        self._recent.clear()
         freed = sum(c.body.size for c in victims)
         self._entries -= len(victims)
         self._bytes -= freed
@@ -279,6 +293,7 @@ class DiskStore:
 
     def _removed(self, bodies: list[Body]) -> int:
         """Count and unlink the bodies of removed rows."""
+        self._recent.clear()
         self._entries -= len(bodies)
         self._bytes -= sum(b.size for b in bodies)
         self._index.unlink_bodies(bodies)
@@ -288,6 +303,7 @@ class DiskStore:
 
     def _insert(self, entry: StoredResponse) -> StoredResponse:
         """Commit ``entry``'s row (evicting if needed), then drop replaced bodies."""
+        self._recent.forget(entry.url)
         victims: list[Candidate] = []
         over = self.max_size is not None and self._bytes + entry.size > self.max_size
         with self._index.transaction():
@@ -309,7 +325,11 @@ class DiskStore:
 
     def _select(self, url: str) -> list[StoredResponse]:
         self._check_open()
-        return self._index.lookup(url)
+        entries = self._recent.get(url)
+        if entries is None:
+            entries = self._index.lookup(url)
+            self._recent.put(url, entries)
+        return entries
 
     def read(
         self,
@@ -328,6 +348,18 @@ class DiskStore:
             fd = os.open(self._body_path(ref), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return defer.fail(BodyMissing(f"the body of {entry.url} is gone"))
+        first, stop = span
+        if stop - first < SENDFILE_MIN:
+            # Small: one read and one write, no producer to set up.
+            try:
+                data = os.pread(fd, stop - first, first)
+            except OSError as e:
+                return defer.fail(BodyMissing(f"cannot read body: {e}"))
+            finally:
+                os.close(fd)
+            if len(data) != stop - first:
+                return defer.fail(BodyMissing("body is truncated"))
+            return write_whole(consumer, data)
         self._readers[ref] += 1
 
         def release() -> None:
@@ -337,6 +369,10 @@ class DiskStore:
                 del self._readers[ref]
                 self._read_ended()
 
+        transport = socket_of(consumer)
+        if transport is not None and IReactorFDSet.providedBy(self._reactor):
+            fdset = IReactorFDSet(self._reactor)
+            return Sendfile(fdset, consumer, transport, fd, release, *span).start()
         return produce(consumer, partial(os.pread, fd), release, *span, self._clock)
 
     def open_writer(self, url: str) -> Deferred[IBodyWriter]:
@@ -357,6 +393,7 @@ class DiskStore:
 
     def _update(self, entry: StoredResponse) -> StoredResponse:
         self._check_open()
+        self._recent.forget(entry.url)
         if not self._index.update(entry, self._clock.seconds()):
             raise BodyMissing(f"{entry.url} is no longer stored")
         return entry
