@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from twisted.web.http_headers import Headers
     from twisted.web.iweb import IBodyProducer, IResponse
 
-    from cachingproxy.cache.entry import StoredResponse, Usage
+    from cachingproxy.cache.entry import Header, StoredResponse, Usage
 
 
 class IPartialReader(Interface):
@@ -200,4 +200,25 @@ class IUpstream(Interface):
         """
 
 
-__all__ = ["IBodyWriter", "ICacheStore", "IPartialReader", "IUpstream"]
+class IDocumentFilter(Interface):
+    """What a response's sender lets a feature change (the mirror's URL
+    rewriting, SPEC 6): the ``Location`` of any response, and the body of a
+    document, which it then reads whole (bounded) before sending."""
+
+    def location(headers: list[Header]) -> list[Header]:
+        """``headers`` with ``Location`` changed as the client must see it."""
+
+    def is_document(headers: list[Header]) -> bool:
+        """Whether a response with these headers is a document to filter."""
+
+    def document(status: int, headers: list[Header], body: bytes) -> bytes:
+        """The body to send for a document (rewritten when it needs to be)."""
+
+
+__all__ = [
+    "IBodyWriter",
+    "ICacheStore",
+    "IDocumentFilter",
+    "IPartialReader",
+    "IUpstream",
+]

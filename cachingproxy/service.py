@@ -76,7 +76,9 @@ class ProxyService(Service):
         # the reactor runs.
         site = self.site = ProxySite(None, self.config.max_client_connections)
         failures: list[str] = []
-        sni = SNIFactory(lambda: self.proxy, site)
+        sni = SNIFactory(
+            lambda: None if self.proxy is None else self.proxy.surface, site
+        )
         listeners: list[tuple[str, Any, str]]
         listeners = [(d, site, "--listen") for d in self.config.listen]
         listeners += [(d, sni, "--listen-tls") for d in self.config.listen_tls]

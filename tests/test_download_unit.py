@@ -27,8 +27,9 @@ from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.store import MemoryStore
 from cachingproxy.errors import UpstreamTimeout
 from cachingproxy.fetch import download as download_module
-from cachingproxy.fetch.download import Download, Downloads, FetchSettings
+from cachingproxy.fetch.download import Download, FetchSettings
 from cachingproxy.fetch.outcomes import OutcomeKind
+from cachingproxy.fetch.sharing import Downloads
 from cachingproxy.fetch.spill import Spill
 from cachingproxy.interfaces import IUpstream
 
@@ -192,7 +193,7 @@ class DownloadTestCase(TestCase):
     ) -> tuple[Download, FakeResponse]:
         """A download whose 200 head has arrived (outcome STREAM)."""
         download = self.download()
-        outcome = download.wait([])
+        outcome = self.downloads.wait(download, [])
         response = FakeResponse(200, headers or [], length)
         self.upstream.answer(response)
         self.assertEqual(self.successResultOf(outcome).kind, OutcomeKind.STREAM)
@@ -347,7 +348,8 @@ class BrokenBodyTests(DownloadTestCase):
         response.push(b"01")
         response.end(ResponseFailed([Failure(ConnectionLost())]))
         self.assertEqual(
-            self.successResultOf(download.wait([])).kind, OutcomeKind.RETRY
+            self.successResultOf(self.downloads.wait(download, [])).kind,
+            OutcomeKind.RETRY,
         )
 
     def test_short_body_stores_nothing(self) -> None:
@@ -401,7 +403,7 @@ class BrokenBodyTests(DownloadTestCase):
         """A body that grows past --max-object-size without Content-Length is
         served to its followers but not stored."""
         download = self.download(max_object_size=4)
-        outcome = download.wait([])
+        outcome = self.downloads.wait(download, [])
         response = FakeResponse(200, [], UNKNOWN_LENGTH)
         self.upstream.answer(response)
         self.assertEqual(self.successResultOf(outcome).kind, OutcomeKind.STREAM)
@@ -415,7 +417,7 @@ class BrokenBodyTests(DownloadTestCase):
     def test_declared_too_large_passes_through(self) -> None:
         """A Content-Length over --max-object-size is handed through unstored."""
         download = self.download(max_object_size=4)
-        outcome = download.wait([])
+        outcome = self.downloads.wait(download, [])
         self.upstream.answer(FakeResponse(200, [], 10))
         self.assertEqual(self.successResultOf(outcome).kind, OutcomeKind.PASSTHROUGH)
 
@@ -451,7 +453,7 @@ class OutcomeTests(DownloadTestCase):
         download = self.download(rule=ORIGIN, stale=stale)
         [(_, _, sent, _)] = self.upstream.requests
         self.assertEqual(sent.getRawHeaders(b"if-none-match"), [b'"v1"'])
-        outcome = download.wait([])
+        outcome = self.downloads.wait(download, [])
         self.upstream.answer(
             FakeResponse(304, [("ETag", '"v1"'), ("Cache-Control", "max-age=99")], 0)
         )
@@ -472,14 +474,14 @@ class OutcomeTests(DownloadTestCase):
         stale = self.stale_entry([("ETag", '"v1"')])
         self.successResultOf(self.store.remove(URL))
         download = self.download(stale=stale)
-        outcome = download.wait([])
+        outcome = self.downloads.wait(download, [])
         self.upstream.answer(FakeResponse(304, [("ETag", '"v1"')], 0))
         self.assertEqual(self.successResultOf(outcome).kind, OutcomeKind.RETRY)
 
     def test_server_error(self) -> None:
         """A 5xx is an ERROR outcome carrying the status; nothing is stored."""
         download = self.download()
-        outcome = download.wait([])
+        outcome = self.downloads.wait(download, [])
         response = FakeResponse(503, [], 0, b"Service Unavailable")
         self.upstream.answer(response)
         result = self.successResultOf(outcome)
@@ -491,7 +493,7 @@ class OutcomeTests(DownloadTestCase):
     def test_connect_error(self) -> None:
         """A failed upstream request is an ERROR outcome carrying the failure."""
         download = self.download()
-        outcome = download.wait([])
+        outcome = self.downloads.wait(download, [])
         self.upstream.requests[0][3].errback(ConnectionRefusedError())
         result = self.successResultOf(outcome)
         self.assertEqual(result.kind, OutcomeKind.ERROR)
@@ -503,8 +505,8 @@ class OutcomeTests(DownloadTestCase):
         """An unstorable response (no-store under origin) goes whole to the
         first waiter as PASSTHROUGH; the second waiter must RETRY alone."""
         download = self.download(url="http://example.com/page", rule=ORIGIN)
-        first = download.wait([])
-        second = download.wait([])
+        first = self.downloads.wait(download, [])
+        second = self.downloads.wait(download, [])
         response = FakeResponse(200, [("Cache-Control", "no-store")], 4)
         self.upstream.answer(response)
         result = self.successResultOf(first)
@@ -512,7 +514,8 @@ class OutcomeTests(DownloadTestCase):
         self.assertIs(result.response, response)
         self.assertEqual(self.successResultOf(second).kind, OutcomeKind.RETRY)
         self.assertEqual(
-            self.successResultOf(download.wait([])).kind, OutcomeKind.RETRY
+            self.successResultOf(self.downloads.wait(download, [])).kind,
+            OutcomeKind.RETRY,
         )
         self.assertEqual(self.stored("http://example.com/page"), [])
         self.assertIsNone(response.protocol, "the body is the first waiter's to read")
@@ -527,7 +530,8 @@ class OutcomeTests(DownloadTestCase):
         response.push(b"data")
         response.end()
         self.assertEqual(
-            self.successResultOf(download.wait([])).kind, OutcomeKind.PASSTHROUGH
+            self.successResultOf(self.downloads.wait(download, [])).kind,
+            OutcomeKind.PASSTHROUGH,
         )
 
     def test_variant_mismatch_retries(self) -> None:
@@ -537,8 +541,10 @@ class OutcomeTests(DownloadTestCase):
         download = self.download(
             url="https://pypi.org/simple/x/", rule=METADATA, client_headers=html
         )
-        same = download.wait(html)
-        other = download.wait([("Accept", "application/vnd.pypi.simple.v1+json")])
+        same = self.downloads.wait(download, html)
+        other = self.downloads.wait(
+            download, [("Accept", "application/vnd.pypi.simple.v1+json")]
+        )
         response = FakeResponse(200, [("Vary", "Accept")], 2)
         self.upstream.answer(response)
         self.assertEqual(self.successResultOf(same).kind, OutcomeKind.STREAM)
@@ -559,8 +565,8 @@ class OutcomeTests(DownloadTestCase):
             variant=policy.variant_of(("accept",), html),
         )
         download = self.download(stale=stale, client_headers=html)
-        same = download.wait(html)
-        other = download.wait([("Accept", "application/json")])
+        same = self.downloads.wait(download, html)
+        other = self.downloads.wait(download, [("Accept", "application/json")])
         self.upstream.answer(FakeResponse(304, [("ETag", '"v1"')], 0))
         self.assertEqual(self.successResultOf(same).kind, OutcomeKind.NOT_MODIFIED)
         self.assertEqual(self.successResultOf(other).kind, OutcomeKind.RETRY)

@@ -235,7 +235,7 @@ class InFlightTests(SynchronousTestCase):
 
     def test_real_download_fits(self) -> None:
         """The real Downloads.in_flight values can be handed to Stats."""
-        from cachingproxy.fetch.download import Downloads
+        from cachingproxy.fetch.sharing import Downloads
 
         downloads = Downloads()
         stats = Stats(

@@ -11,9 +11,8 @@ never holds the download back and nothing is buffered per client.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
-import attrs
 from attrs import frozen
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -165,15 +164,28 @@ class Download:
         assert self._writer is not None
         return self._writer.open_reader()
 
-    def wait(self, client_headers: Iterable[Header]) -> defer.Deferred[Outcome]:
-        """Fires with what this download means for a client with these headers."""
-        items = list(client_headers)
+    def wait(self) -> defer.Deferred[Outcome]:
+        """Fires with what the upstream answered (once the head is in).
+        Whether a given client may use it is :mod:`~cachingproxy.fetch.sharing`'s
+        decision."""
         if self._outcome is not None:
-            return defer.succeed(self._outcome_for(items))
+            return defer.succeed(self._outcome)
         d: defer.Deferred[Outcome] = defer.Deferred()
-        d.addCallback(lambda outcome: self._outcome_for(items, outcome))
         self._waiters.append(d)
         return d
+
+    @property
+    def spilled(self) -> bool:
+        """The store refused part of the body: only the clients already
+        following get it (from the spill), nobody may join."""
+        return self._spill is not None
+
+    def take_passthrough(self) -> bool:
+        """Claim the unstorable response for one client (the first to ask)."""
+        if self._passthrough_taken:
+            return False
+        self._passthrough_taken = True
+        return True
 
     @property
     def bytes_written(self) -> int:
@@ -230,35 +242,6 @@ class Download:
         return follower
 
     # -- outcome ---------------------------------------------------------------
-
-    def _outcome_for(
-        self, client_headers: list[Header], outcome: Outcome | None = None
-    ) -> Outcome:
-        outcome = outcome or self._outcome
-        assert outcome is not None
-        if outcome.kind is OutcomeKind.STREAM:
-            if (
-                self.failure is not None
-                or self._spill is not None
-                or (policy.variant_of(self.vary, client_headers) != self.variant)
-            ):
-                return Outcome(OutcomeKind.RETRY)
-        elif outcome.kind is OutcomeKind.NOT_MODIFIED:
-            assert outcome.entry is not None
-            entry = outcome.entry
-            if policy.variant_of(entry.vary, client_headers) != entry.variant:
-                return Outcome(OutcomeKind.RETRY)
-        elif outcome.kind is OutcomeKind.PASSTHROUGH:
-            if self._passthrough_taken:
-                return Outcome(OutcomeKind.RETRY)
-            self._passthrough_taken = True
-        elif outcome.response is not None:
-            # An origin's 5xx: its body goes to one client, the others get
-            # the status without it.
-            if self._passthrough_taken:
-                return attrs.evolve(outcome, response=None)
-            self._passthrough_taken = True
-        return outcome
 
     def _decide(self, outcome: Outcome) -> None:
         self._outcome = outcome
@@ -591,65 +574,8 @@ class _BodyReceiver(Protocol):
         self._download._body_end(self._error or reason)
 
 
-@attrs.define(eq=False)
-class PassingThrough:
-    """A response streaming to one client unstored (for the status page)."""
-
-    url: str
-    total: int | None
-    started_at: float
-    bytes_written: int = 0
-    clients: int = 1
-
-    def received(self, n: int) -> None:
-        self.bytes_written += n
-
-
-class Downloads:
-    """The downloads in flight, by normalised URL (for coalescing and status)."""
-
-    def __init__(self) -> None:
-        self.in_flight: dict[str, Download] = {}
-        self.passing: set[PassingThrough] = set()
-        self._variants: dict[tuple[str, str], Download] = {}
-        """Downloads of other variants of a URL, by (url, variant under the
-        Vary of the URL's first download), so their clients share them too."""
-
-    def get(self, url: str) -> Download | None:
-        return self.in_flight.get(url)
-
-    def all(self) -> list[Download | PassingThrough]:
-        """Every download in flight: shared by URL or by variant, and the
-        responses streaming through unstored."""
-        shared = [*self.in_flight.values(), *self._variants.values()]
-        unique: list[Download | PassingThrough] = list(
-            {id(d): d for d in shared}.values()
-        )
-        return unique + list(self.passing)
-
-    def matching(self, predicate: Callable[[str], bool]) -> list[Download]:
-        """The shared downloads in flight whose URL satisfies ``predicate``."""
-        return [d for d in self.all() if isinstance(d, Download) and predicate(d.url)]
-
-    def add(self, download: Download) -> None:
-        self.in_flight[download.url] = download
-
-    def get_variant(self, url: str, variant: str) -> Download | None:
-        return self._variants.get((url, variant))
-
-    def add_variant(self, download: Download, variant: str) -> None:
-        self._variants[(download.url, variant)] = download
-
-    def remove(self, download: Download) -> None:
-        if self.in_flight.get(download.url) is download:
-            del self.in_flight[download.url]
-        for key in [k for k, d in self._variants.items() if d is download]:
-            del self._variants[key]
-
-
 __all__ = [
     "CHUNK",
     "Download",
-    "Downloads",
     "FetchSettings",
 ]

@@ -12,8 +12,6 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 from twisted.web.iweb import IResponse
 
-from cachingproxy.cache import headers as H
-from cachingproxy.cache import policy
 from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.errors import DestinationRefused, UpstreamTimeout
 from cachingproxy.fetch.upstream import DNSLookupFailed
@@ -54,24 +52,6 @@ class Discard(Protocol):
         pass
 
 
-def plan_range(
-    status: int, client_headers: list[Header], size: int
-) -> tuple[int, int, int, list[Header]] | None:
-    """(status, start, end, extra headers) for a body of ``size`` bytes: 206
-    for a satisfiable single Range on a 200, else the whole body; None when
-    the range is unsatisfiable (416)."""
-    range_value = H.get(client_headers, "range")
-    if status != 200 or not range_value:
-        return status, 0, size, []
-    byte_range = policy.parse_range(range_value, size)
-    if byte_range is policy.Unsatisfiable.RANGE:
-        return None
-    if byte_range is None:
-        return status, 0, size, []
-    start, end = byte_range.start, byte_range.end
-    return 206, start, end, [("Content-Range", f"bytes {start}-{end - 1}/{size}")]
-
-
 def describe(outcome: Outcome) -> str:
     if outcome.failure is not None:
         return outcome.failure.getErrorMessage()
@@ -109,5 +89,4 @@ __all__ = [
     "OutcomeKind",
     "describe",
     "error_status",
-    "plan_range",
 ]

@@ -1,14 +1,14 @@
 """What the handling of one request has learned so far.
 
-Filled in as the request is routed and served; read by the access log, the
-statistics and the mirror code (which documents to rewrite).
+Filled in as the request is routed and served; read by the access log and
+the statistics.
 """
 
 from __future__ import annotations
 
 from attrs import define
 
-from cachingproxy.mirror.mirrors import Target
+from cachingproxy.cache.status import CacheStatus
 
 
 @define
@@ -16,7 +16,7 @@ class Exchange:
     """One request's running record."""
 
     started: float
-    cache: str = "-"
+    cache: CacheStatus = CacheStatus.NONE
     """The X-Cache value (``-`` for errors and the proxy's own pages)."""
     upstream: str = "-"
     """The upstream host (for the access log)."""
@@ -26,15 +26,6 @@ class Exchange:
     """Served by the proxy's own pages: not counted in the statistics."""
     tunnel: bool = False
     """A CONNECT tunnel: logged when it closes."""
-    target: Target | None = None
-    """A mirrored request whose index documents are rewritten."""
-    file_target: Target | None = None
-    """A mirrored package file (never rewritten)."""
-
-    @property
-    def mirror(self) -> Target | None:
-        """The mirror target of the request, document or file."""
-        return self.target or self.file_target
 
 
 __all__ = ["Exchange"]

@@ -13,9 +13,17 @@ from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
-from cachingproxy.cache.entry import StoredResponse
+from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.pump import CHUNK_SIZE
+from cachingproxy.cache.status import CacheStatus
 from cachingproxy.fetch.download import Download
+from cachingproxy.handler.plan import (
+    FollowDownload,
+    PassResponse,
+    Plan,
+    ServeBody,
+    ServeEntry,
+)
 from cachingproxy.interfaces import ICacheStore, IPartialReader
 
 
@@ -117,4 +125,25 @@ async def collect(response: IResponse, limit: int) -> bytes:
     return await protocol.done
 
 
-__all__ = ["TooBig", "collect", "read_download", "read_entry"]
+async def read_plan(
+    store: ICacheStore, plan: Plan, limit: int
+) -> tuple[int, list[Header], bytes, CacheStatus] | None:
+    """(status, headers, whole body, cache status) of what ``plan`` serves;
+    None for an error.  @raise TooBig, BodyMissing, a download's failure."""
+    if isinstance(plan, ServeEntry):
+        entry = plan.entry
+        body = await read_entry(store, entry, limit)
+        return entry.status, list(entry.headers), body, plan.cache
+    if isinstance(plan, FollowDownload):
+        download = plan.download
+        body = await read_download(download, download.open_reader(), limit)
+        return plan.status, list(plan.headers), body, plan.cache
+    if isinstance(plan, PassResponse):
+        body = await collect(plan.response, limit)
+        return plan.status, list(plan.headers), body, plan.cache
+    if isinstance(plan, ServeBody):
+        return plan.status, list(plan.headers), plan.body, plan.cache
+    return None
+
+
+__all__ = ["TooBig", "collect", "read_download", "read_entry", "read_plan"]

@@ -133,7 +133,7 @@ def _intercept(
     transport.unregisterProducer()
     inner.makeConnection(transport)
     channel.take_over(inner)
-    info.cache = "-"
+    info.cache = CacheStatus.NONE
     info.own_page = True  # the requests inside are counted, not the CONNECT
     _finish_without_response(request)
 

@@ -25,7 +25,7 @@ from cachingproxy.tls.connect import TUNNEL_IDLE_TIMEOUT
 from cachingproxy.tls.tunnel import Tunnel
 
 if TYPE_CHECKING:
-    from cachingproxy.proxy import Proxy
+    from cachingproxy.front.surface import Surface
 
 _log = Logger()
 _DONE = Failure(ConnectionDone())
@@ -76,7 +76,7 @@ def server_name(data: bytes) -> str | None:
 class _Peek(Protocol):
     """Reads the ClientHello, then hands the connection on."""
 
-    def __init__(self, proxy: Proxy, site: Any) -> None:
+    def __init__(self, proxy: Surface, site: Any) -> None:
         self._proxy = proxy
         self._site = site
         self._buffer = b""
@@ -153,7 +153,7 @@ class SNIFactory(Factory):
 
     noisy = False
 
-    def __init__(self, proxy: Callable[[], Proxy | None], site: Any) -> None:
+    def __init__(self, proxy: Callable[[], Surface | None], site: Any) -> None:
         self._proxy = proxy
         self._site = site
 

@@ -1,0 +1,1 @@
+"""The request handler: deciding what to serve (values) and sending it."""

@@ -1,0 +1,94 @@
+"""The mirror's document filter (SPEC 6): what the sender changes in a
+mirrored response — ``Location`` made local, index documents rewritten, the
+digests they publish remembered."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import urljoin
+
+from zope.interface import implementer
+
+from cachingproxy.cache import headers as H
+from cachingproxy.cache.entry import Header
+from cachingproxy.interfaces import IDocumentFilter
+from cachingproxy.mirror.mirrors import MirrorTable, Target
+from cachingproxy.mirror.protocols import Documents
+from cachingproxy.mirror.rewrite import (
+    Digest,
+    document_kind,
+    rewrite,
+    rewrite_crates_config,
+)
+
+
+@implementer(IDocumentFilter)
+class MirrorFilter:
+    """Rewrites one mirrored request's response for its client."""
+
+    def __init__(
+        self,
+        target: Target,
+        table: MirrorTable,
+        key_url: str,
+        remember: Callable[[dict[str, Digest]], None],
+        documents: Documents = Documents.INDEX,
+    ) -> None:
+        self._target = target
+        self._table = table
+        self._key_url = key_url
+        self._remember = remember
+        self._documents = documents
+        """Which documents are rewritten (NONE for a package file, whatever
+        its type; CRATES for a crates index's ``config.json``)."""
+
+    def location(self, headers: list[Header]) -> list[Header]:
+        """A mirrored upstream's ``Location`` as a local URL."""
+        target = self._target
+        if target.match is None:
+            return headers
+        location = H.get(headers, "location")
+        if location is None:
+            return headers
+        label = H.get(headers, "x-cache-upstream")
+        base = label if label is not None else target.candidates[0][1]
+        local = self._table.local_path(urljoin(base + target.match.rest, location))
+        if local is None:
+            return headers
+        value = target.local_root + local
+        return [(k, value) if k.lower() == "location" else (k, v) for k, v in headers]
+
+    def is_document(self, headers: list[Header]) -> bool:
+        """An index document (identity-encoded, of a known kind)."""
+        if self._documents is Documents.NONE:
+            return False
+        encoding = (H.get(headers, "content-encoding") or "identity").lower()
+        return encoding == "identity" and (
+            document_kind(H.get(headers, "content-type")) is not None
+            or self._documents is Documents.CRATES
+        )
+
+    def document(self, status: int, headers: list[Header], body: bytes) -> bytes:
+        """Every URL into a mirrored upstream made local (200s only)."""
+        if status != 200 or self._documents is Documents.NONE:
+            return body
+        target = self._target
+        if self._documents is Documents.CRATES:
+            return rewrite_crates_config(
+                body, self._key_url, self._table, target.local_root
+            )
+        kind = document_kind(H.get(headers, "content-type"))
+        if kind is None:
+            return body
+        body, digests = rewrite(
+            body,
+            kind,
+            target.document_url(H.get(headers, "x-cache-upstream"), self._key_url),
+            self._table,
+            target.local_root,
+        )
+        self._remember(digests)
+        return body
+
+
+__all__ = ["MirrorFilter"]
