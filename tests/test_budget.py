@@ -34,7 +34,6 @@ from .support import (
     fetch,
     header,
     parse_raw_response,
-    pause,
     raw_connect,
     start_origin,
     start_proxy,
@@ -232,8 +231,8 @@ class BudgetTests(TestCase):
         await stored(service, other_url)
         self.assertEqual(store.usage().bytes, len(big) + len(other))
         await _whole_body(self, reader, big)
+        # The end of the read evicts at once (synchronously), not at a flush.
         await wait_for(lambda: not store._readers)  # type: ignore[attr-defined]
-        await pause(0.1)
         self.at_rest(service)
         self.assertEqual(await store.lookup(big_url), [])
 
@@ -412,7 +411,7 @@ class DiskFullTests(TestCase):
         download = in_flight[url]
         await wait_for(lambda: download._spill is not None)
         # The slow client holds the download back (bounded memory) ...
-        await _settle(download)
+        await wait_for(lambda: _upstream_paused(download))
         self.assertFalse(download.done)
         self.assertLessEqual(peak[0], limit + 512 * KiB)
         # ... until it reads again.
@@ -424,12 +423,7 @@ class DiskFullTests(TestCase):
         await self.still_serving(service, pport, oport)
 
 
-async def _settle(download: Any) -> None:
-    """Wait (at most 10 s) until ``download`` has received nothing new for
-    50 ms."""
-    last = -1
-    for _ in range(200):
-        if download.bytes_written == last:
-            return
-        last = download.bytes_written
-        await pause(0.05)
+def _upstream_paused(download: Any) -> bool:
+    """Whether ``download`` stopped reading its upstream (the spill is full)."""
+    receiver = download._receiver
+    return receiver is not None and receiver._paused

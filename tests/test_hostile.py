@@ -9,7 +9,6 @@ destination policy broke.  Names resolve through a fake resolver.
 from __future__ import annotations
 
 import ipaddress
-import time
 from typing import Any
 
 from twisted.internet import defer
@@ -308,12 +307,10 @@ class SSRFTests(TestCase):
 
     async def _public_ip_on_other_port(self) -> None:
         guard, pport = self.proxy()
-        started = time.perf_counter()
         response, body = await fetch(client(self, pport), "http://8.8.8.8:8080/x.whl")
         self.assertEqual(response.code, 403)
         self.assertIn(b"8080", body)
         self.assertEqual(guard.connects, [])
-        self.assertLess(time.perf_counter() - started, 2.0)
 
     def test_guard_sees_allowed_public_connects(self) -> defer.Deferred[None]:
         """With 8080 among --upstream-ports the same request is let through
@@ -610,15 +607,15 @@ class MalformedInputTests(TestCase):
 
     def test_hostile_host_name_does_not_stall(self) -> defer.Deferred[None]:
         """A long invalid host name in an absolute-form target is answered 400
-        at once; the reactor is not stalled by the URL parser."""
+        (that the host pattern cannot backtrack exponentially, so does not
+        stall the reactor, is pinned in test_policy)."""
         return run(self._hostile_host_name_does_not_stall())
 
     async def _hostile_host_name_does_not_stall(self) -> None:
-        started = time.perf_counter()
         raw = await raw_exchange(
             self,
             self.pport,
             b"GET http://" + b"a" * 26 + b"!/ HTTP/1.1\r\nHost: x\r\n\r\n",
         )
         self.assertTrue(raw.startswith(b"HTTP/1.1 400"), raw[:100])
-        self.assertLess(time.perf_counter() - started, 1.0)
+        self.assertEqual(self.origin.count(), 0)
