@@ -94,5 +94,13 @@ class ProxyConfig:
     """Parent HTTP proxy (``http://host:port``) for every upstream request."""
     workers: int | None = None
     """Worker processes (--workers, SPEC 11); None is ``auto``."""
+    shared_store: str | None = None
+    """``s3://BUCKET/PREFIX/``: the fleet's shared tier (SPEC 12)."""
+    s3_endpoint: str | None = None
+    """The S3 API endpoint; None is AWS."""
+    advertise: str | None = None
+    """The URL at which the other nodes reach this one."""
+    fleet_secret: str | None = None
+    """The file holding the secret the nodes of a fleet share."""
     rules: tuple[Rule, ...] = field(default=())
     """Operator rules from the config file; they come before the default rules."""

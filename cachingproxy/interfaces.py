@@ -9,7 +9,7 @@ Bodies are never handed out as paths: they are read through producers
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
 
@@ -215,10 +215,29 @@ class IDocumentFilter(Interface):
         """The body to send for a document (rewritten when it needs to be)."""
 
 
+class IFleet(Interface):
+    """The node's part in a fleet sharing one cache (SPEC 12).
+
+    Only a node started with ``--shared-store`` has one; without it the
+    proxy behaves exactly as a lone cache.
+    """
+
+    def upstream(inner: IUpstream) -> IUpstream:
+        """The upstream that shared downloads go through (one upstream GET
+        per URL in the fleet); ``inner`` does the real requests."""
+
+    def internal(request: Any, path: str, proxy: Any) -> Deferred[None]:
+        """Serve a node-to-node request to ``path`` (under ``/_fleet/``)."""
+
+    def status() -> dict[str, Any]:
+        """``shared_store`` in ``/status.json`` (at least ``ok``)."""
+
+
 __all__ = [
     "IBodyWriter",
     "ICacheStore",
     "IDocumentFilter",
+    "IFleet",
     "IPartialReader",
     "IUpstream",
 ]

@@ -28,6 +28,7 @@ from cachingproxy.config import (
     ProxyConfig,
     Rule,
 )
+from cachingproxy.fleet import settings as fleet
 from cachingproxy.mirror.mirrors import (
     combine,
     parse_base,
@@ -303,6 +304,7 @@ SETTINGS: Mapping[str, _Setting] = {
     "max-client-connections": _Setting("max_client_connections", _parse_count),
     "source": _Setting("sources", parse_base, repeatable=True),
     "workers": _Setting("workers", parse_workers),
+    **{name: _Setting(*how) for name, how in fleet.OPTIONS.items()},
 }
 """Every option that can come from the command line or the config file,
 by its long name (which is also its config-file key)."""
@@ -467,6 +469,8 @@ def make_config(
         values.pop("sources", ()),  # type: ignore[arg-type]
     )
     config = ProxyConfig(**values, rules=rules)  # type: ignore[arg-type]
+    if (problem := fleet.check_fleet(config)) is not None:
+        raise ConfigError(problem)
     if create_cache_dir:
         try:
             ensure_cache_dir(config.cache_dir)

@@ -32,7 +32,7 @@ from cachingproxy.handler.cached import CachedPath
 from cachingproxy.handler.forward import Forwarder, request_body
 from cachingproxy.handler.plan import Plan, ServeBody
 from cachingproxy.handler.sender import Sender
-from cachingproxy.interfaces import ICacheStore, IUpstream
+from cachingproxy.interfaces import ICacheStore, IFleet, IUpstream
 from cachingproxy.mirror.mirrors import MirrorTable
 from cachingproxy.mirror.mirrorserve import MirrorService
 from cachingproxy.ops import pages
@@ -76,7 +76,10 @@ class Proxy:
         intercept: InterceptPolicy | None = None,
         ca: CertificateAuthority | None = None,
         auth: ProxyAuth | None = None,
+        fleet: IFleet | None = None,
     ) -> None:
+        self.fleet = fleet
+        """--shared-store: shared downloads go through the fleet's upstream."""
         self.intercept = intercept
         self.ca = ca
         self.auth = auth
@@ -93,6 +96,8 @@ class Proxy:
             usage=store.usage,
             in_flight=self.downloads.all,
         )
+        if fleet is not None:
+            self.stats.sections["shared_store"] = fleet.status
         self.rules: tuple[Rule, ...] = config.rules + policy.default_rules(
             config.index_ttl
         )
@@ -110,7 +115,7 @@ class Proxy:
         self.cached = CachedPath(
             config,
             store,
-            upstream,
+            upstream if fleet is None else fleet.upstream(upstream),
             clock,
             downloads=self.downloads,
             forwarder=self.forwarder,
@@ -206,6 +211,9 @@ class Proxy:
         if route.kind is RouteKind.CONNECT:
             return await handle_connect(self.surface, request, route.url, info)
         if route.kind is RouteKind.SELF:
+            if self.fleet is not None and route.path.startswith("/_fleet/"):
+                info.own_page = True
+                return await self.fleet.internal(request, route.path, self)
             match = self.mirrors.match(route.path)
             if match is not None:
                 return await self.mirrors.serve(request, match, method, info)

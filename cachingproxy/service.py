@@ -6,7 +6,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, Service
 from twisted.internet import defer
@@ -28,6 +28,9 @@ from cachingproxy.proxy import Proxy, ProxyResource
 from cachingproxy.tls.ca import CertificateAuthority
 from cachingproxy.tls.intercept import InterceptPolicy
 from cachingproxy.tls.sni import SNIFactory
+
+if TYPE_CHECKING:
+    from cachingproxy.fleet.node import Fleet
 
 _log = Logger()
 
@@ -64,6 +67,7 @@ class ProxyService(Service):
         )
         self._previous_sighup: Any = None
         self.auth: ProxyAuth | None = None
+        self.fleet: Fleet | None = None
 
     def privilegedStartService(self) -> None:  # noqa: N802
         """Bind the listening ports while still root (twistd --uid/--gid
@@ -125,6 +129,13 @@ class ProxyService(Service):
                 self.store = self.open_store()
             except Exception as e:
                 _fatal(f"--cache-dir {config.cache_dir}: cannot open the cache: {e}")
+        if config.shared_store is not None and self.fleet is None:
+            from cachingproxy.fleet.node import Fleet
+
+            assert self.store is not None
+            self.fleet = Fleet(config, self.reactor, self.store)
+            self.store = self.fleet.store
+            self.fleet.start()
         self.upstream = Upstream(
             self.reactor,
             self.policy,
@@ -149,6 +160,7 @@ class ProxyService(Service):
             ca=ca,
             auth=self.auth,
             stats=self.make_stats(),
+            fleet=self.fleet,
         )
         assert self.site is not None
         self.site.resource = ProxyResource(self.proxy)
@@ -217,6 +229,8 @@ class ProxyService(Service):
             self.auth.close()
         if self.upstream is not None:
             await self.upstream.close()
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self.store is not None:
             await self.store.close()
         if self.access_log is not None:

@@ -153,6 +153,34 @@ class Options(usage.Options):
             " [default: auto]",
         ],
         [
+            "shared-store",
+            None,
+            None,
+            "s3://BUCKET[/PREFIX]: a second cache tier on S3-compatible object"
+            " storage, shared by a fleet of nodes. [default: none]",
+        ],
+        [
+            "s3-endpoint",
+            None,
+            None,
+            "The S3 API endpoint URL (MinIO, Ceph RGW, SeaweedFS, R2 ...);"
+            " credentials and region come from the standard AWS environment"
+            " variables and files. [default: AWS]",
+        ],
+        [
+            "advertise",
+            None,
+            None,
+            "The URL at which the other nodes of the fleet reach this node.",
+        ],
+        [
+            "fleet-secret",
+            None,
+            None,
+            "File holding a secret shared by the nodes of the fleet; required"
+            " with --advertise.",
+        ],
+        [
             "config",
             None,
             None,

@@ -172,6 +172,9 @@ class Stats:
         # [minute, requests, hits, misses], oldest first, one per minute with traffic.
         self._history: deque[list[int]] = deque(maxlen=HISTORY_MINUTES)
         self.metrics = Metrics(self.figures)
+        self.sections: dict[str, Callable[[], Any]] = {}
+        """More top-level keys of the snapshot (``shared_store``), each read
+        when a snapshot is taken."""
 
     # -- recording -------------------------------------------------------------
 
@@ -324,6 +327,7 @@ class Stats:
             ],
             "upstream_errors": dict(self.upstream_errors),
             "history": self.history(),
+            **{name: section() for name, section in self.sections.items()},
         }
 
 

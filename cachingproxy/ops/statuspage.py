@@ -116,6 +116,7 @@ def render_html(
             escaped=True,
         ),
         "</div></div>",
+        _shared_store(s.get("shared_store")),
         "<h2>Last hour</h2>",
         history_svg(s.get("history", [])),
         "<h2>Downloads in flight</h2>",
@@ -195,6 +196,23 @@ def _top_objects(objects: Sequence[Mapping[str, Any]]) -> str:
         ],
         numeric=(1,),
         escaped=True,
+    )
+
+
+def _shared_store(store: Mapping[str, Any] | None) -> str:
+    """The fleet's shared tier (SPEC 12), when there is one."""
+    if not store:
+        return ""
+    ok = bool(store.get("ok"))
+    state = "reachable" if ok else f"UNREACHABLE: {store.get('error') or ''}"
+    return "<h2>Shared store</h2>" + _table(
+        None,
+        [
+            ("store", str(store.get("url", ""))),
+            ("state", state),
+            ("node", str(store.get("node", ""))),
+            ("uploads in flight", _int(store.get("uploads", 0))),
+        ],
     )
 
 

@@ -1,0 +1,1 @@
+"""A fleet of nodes sharing one cache on S3-compatible object storage (SPEC 12)."""
