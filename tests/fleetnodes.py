@@ -62,6 +62,8 @@ class Node(ChildServer):
             "127.0.0.1",
             "--allow-client",
             "127.0.0.1",
+            "--workers",
+            "1",
             "--shared-store",
             f"s3://{BUCKET}/{prefix}",
             "--s3-endpoint",
