@@ -675,7 +675,9 @@ class LogRotationTests(TestCase):
         origin, oport = start_origin(self)
         origin.static("/rot-1.0.whl", b"r" * 4321)
         log = os.path.abspath(self.mktemp())
-        proxy = Twistd(self, self.mktemp(), "--access-log", log)
+        # One process: with several workers the one that answers may not have
+        # reopened yet (tests/test_workers.py covers SIGHUP across workers).
+        proxy = Twistd(self, self.mktemp(), "--access-log", log, "--workers", "1")
         await proxy.wait_listening()
         http = client(self, proxy.port)
         url = f"http://127.0.0.1:{oport}/rot-1.0.whl"
