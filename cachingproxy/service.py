@@ -20,7 +20,9 @@ from cachingproxy.cache.store import DiskStore
 from cachingproxy.config import ProxyConfig
 from cachingproxy.fetch.upstream import DestinationPolicy, Resolver, Upstream
 from cachingproxy.front.auth import HtpasswdError, ProxyAuth
+from cachingproxy.front.backlog import with_backlog
 from cachingproxy.front.channel import ProxySite
+from cachingproxy.front.gate import HeadGate
 from cachingproxy.interfaces import ICacheStore
 from cachingproxy.ops.accesslog import AccessLog
 from cachingproxy.ops.stats import Stats
@@ -100,7 +102,7 @@ class ProxyService(Service):
     def endpoint(self, description: str) -> IStreamServerEndpoint:
         """The endpoint ``description`` is listened on (a worker process
         adopts the socket its supervisor bound instead)."""
-        return serverFromString(self.reactor, description)
+        return serverFromString(self.reactor, with_backlog(description))
 
     def open_store(self) -> ICacheStore:
         """The disk store in --cache-dir (a worker opens it without the
@@ -164,6 +166,9 @@ class ProxyService(Service):
         )
         assert self.site is not None
         self.site.resource = ProxyResource(self.proxy)
+        self.site.gate = HeadGate(
+            config.allow_client, self.auth, frozenset(n.lower() for n in config.names)
+        )
 
     def _interception(
         self,

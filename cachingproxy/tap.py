@@ -199,6 +199,9 @@ class Options(usage.Options):
     )
 
     _proxy_config: ProxyConfig | None = None
+    _failed = False
+    """Parsing failed: twistd prints getUsage() before the error line, and
+    SPEC 1 promises the one line naming the option, not the whole usage."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -240,6 +243,18 @@ class Options(usage.Options):
     def opt_name(self, name: str) -> None:
         """Name clients use for the proxy. [default: the host name, localhost]"""
         self["name"].append(name)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
+        try:
+            super().parseOptions(options)
+        except usage.UsageError:
+            self._failed = True
+            raise
+
+    def getUsage(self, width: int | None = None) -> str:  # noqa: N802
+        if self._failed:
+            return "(twistd cachingproxy --help lists the options)"
+        return str(super().getUsage(width))
 
     def postOptions(self) -> None:  # noqa: N802
         """Check every value and build the ProxyConfig; UsageError names the

@@ -63,6 +63,10 @@ class DestinationPolicy:
                     reason = self._refusal(v4, port, mirrored)
                     if reason is not None:
                         return f"{address} embeds {reason}"
+                if inner and all(
+                    any(v4 in net for net in self.allow_upstream) for v4 in inner
+                ):
+                    return None  # leads to allowed addresses only
         return self._refusal(ip, port, mirrored)
 
     def _refusal(

@@ -8,6 +8,8 @@ track of its channels so that shutdown can close them.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet import defer
@@ -18,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
+from cachingproxy.front.gate import MAX_REQUEST_BODY, HeadGate, Refusal
 from cachingproxy.front.limits import (
     ConnectionLimiter,
     RateLimitedLog,
@@ -26,6 +29,9 @@ from cachingproxy.front.limits import (
 )
 
 _log = Logger()
+
+METHOD_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+"""RFC 9110 5.6.2 token: what a method name may consist of."""
 
 
 _DONE = Failure(ConnectionDone())
@@ -43,7 +49,10 @@ MAX_HEADERS = 100
 
 _REASONS = {
     400: b"Bad Request",
+    403: b"Forbidden",
+    407: b"Proxy Authentication Required",
     408: b"Request Timeout",
+    413: b"Content Too Large",
     414: b"URI Too Long",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
@@ -78,6 +87,10 @@ class Channel(HTTPChannel):
     _receiving = 0
     """dataReceived calls in progress (requestDone re-enters it)."""
     _host: Any = None
+    _gate_pending = False
+    """The head gate is checking credentials: reading is paused."""
+    _content_waiting = False
+    """The body was complete while the gate was still checking."""
 
     def connectionMade(self) -> None:  # noqa: N802
         super().connectionMade()
@@ -172,7 +185,63 @@ class Channel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:  # noqa: N802
         self._stop_head_timer()
+        verdict = self._gate()
+        if isinstance(verdict, Refusal):
+            return self._reject(verdict.status, verdict.message, verdict.headers)
+        if isinstance(verdict, defer.Deferred):
+            # A password check in a thread: read nothing more until it is done.
+            self._gate_pending = True
+            self.paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+            verdict.addCallback(self._gate_done)
         super().allHeadersReceived()
+
+    def _gate(self) -> Refusal | defer.Deferred[Refusal | None] | None:
+        """The site's head-time checks (SPEC 8: refused before any body
+        byte is read, let alone spooled to disk)."""
+        command, path = getattr(self, "_command", b""), getattr(self, "_path", b"")
+        if not METHOD_TOKEN.match(command):
+            return Refusal(400, "method name is not a token")
+        gate = self.site.gate
+        if gate is None or not self.requests:
+            return None
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        local = self.transport.getHost()  # type: ignore[union-attr]
+        return gate.check(
+            getattr(peer, "host", None),
+            (getattr(local, "host", ""), getattr(local, "port", 0)),
+            command,
+            path,
+            self.requests[-1].requestHeaders,
+            self.intercept is not None,
+        )
+
+    def _gate_done(self, verdict: Refusal | None) -> None:
+        self._gate_pending = False
+        if self._refused or self.transport is None:
+            return
+        if verdict is not None:
+            self._reject(verdict.status, verdict.message, verdict.headers)
+            return
+        self.paused = False
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self._content_waiting:
+            self._content_waiting = False
+            super().allContentReceived()
+        self.dataReceived(b"")  # what arrived with the head
+
+    def allContentReceived(self) -> None:  # noqa: N802
+        if self._refused:
+            return
+        if self._gate_pending:
+            self._content_waiting = True
+            return
+        super().allContentReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._refused:
+            return
+        super().rawDataReceived(data)
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
         # LineReceiver's default drops the connection without a word.
@@ -190,7 +259,9 @@ class Channel(HTTPChannel):
         if self.taken_over is None:
             super().timeoutConnection()
 
-    def _reject(self, status: int, message: str) -> None:
+    def _reject(
+        self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()
+    ) -> None:
         """Answer ``status`` (and ``message`` as the body), then close."""
         if self._refused:
             return
@@ -204,10 +275,14 @@ class Channel(HTTPChannel):
                 self.abortTimeout, self.forceAbortClient
             )
         body = f"{status} {message}\n".encode()
+        extra = b"".join(
+            b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in headers
+        )
         self.transport.write(  # type: ignore[union-attr]
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (status, _REASONS[status], len(body), body)
+            b"%sContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, _REASONS[status], extra, len(body), body)
         )
         self.loseConnection()
 
@@ -255,6 +330,18 @@ class ProxyRequest(Request):
         assert site is not None
         self.render(site.getResourceFor(self))
 
+    _body_size = 0
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
+        """Bodies past MAX_REQUEST_BODY (chunked ones, whose size is not
+        declared) are refused with 413 instead of spooled on."""
+        self._body_size += len(data)
+        channel = self.channel
+        if self._body_size > MAX_REQUEST_BODY and isinstance(channel, Channel):
+            channel._reject(413, "request body too large")
+            return
+        super().handleContentChunk(data)
+
     def write(self, data: bytes) -> None:
         if not self.startedWriting and self.code == 400 and self.channel is not None:
             # The bytes behind a request the proxy could not make sense of
@@ -275,6 +362,8 @@ class ProxySite(Site):
     requestFactory = ProxyRequest
     head_timeout = HEAD_TIMEOUT
     """Seconds for a request head (tests make it short)."""
+    gate: HeadGate | None = None
+    """Checks made when a request head is complete (set by the service)."""
 
     def __init__(self, resource: Any, max_client_connections: int = 256) -> None:
         super().__init__(resource, timeout=IDLE_TIMEOUT)

@@ -9,16 +9,12 @@ decremented on the way upstream.  Method names are RFC 9110 tokens.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 from attrs import frozen
 
 from cachingproxy.cache import headers as H
 from cachingproxy.cache.entry import Header
-
-METHOD_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-"""RFC 9110 5.6.2 token: what a method name may consist of."""
 
 ALLOW = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
 """The methods the proxy carries (the Allow of its own answers)."""
@@ -64,7 +60,6 @@ def forwarded(method: str, request_headers: Iterable[Header]) -> list[Header]:
 
 __all__ = [
     "ALLOW",
-    "METHOD_TOKEN",
     "LocalAnswer",
     "forwarded",
     "local_answer",

@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from cachingproxy.config import ProxyConfig
+from cachingproxy.front.backlog import with_backlog
 
 
 @frozen
@@ -57,7 +58,8 @@ def bind_all(
     wanted = [(d, "--listen") for d in config.listen]
     wanted += [(d, "--listen-tls") for d in config.listen_tls]
     for description, option in wanted:
-        d = serverFromString(reactor, description).listen(_NoConnections())
+        endpoint = serverFromString(reactor, with_backlog(description))
+        d = endpoint.listen(_NoConnections())
         got: list[IListeningPort] = []
         d.addCallbacks(
             got.append,
