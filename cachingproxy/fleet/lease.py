@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from cachingproxy.fleet import layout
 from cachingproxy.fleet.health import Health
 from cachingproxy.fleet.s3 import NoSuchKey, PreconditionFailed, S3Client, S3Error
+from cachingproxy.fleet.shared import QUICK
 
 _log = Logger()
 
@@ -114,7 +115,9 @@ class Leases:
         key = layout.lease_key(self.prefix, url)
         for _ in range(3):
             try:
-                await self.client.put(key, self.record(), if_none_match=True)
+                await self.client.put(
+                    key, self.record(), if_none_match=True, retries=QUICK
+                )
             except PreconditionFailed:
                 pass
             except S3Error as e:
@@ -125,7 +128,9 @@ class Leases:
                 lease = self.held[url] = Lease(self, key, url)
                 return lease
             try:
-                holder = self._parse(await self.client.get_bytes(key, limit=4096))
+                holder = self._parse(
+                    await self.client.get_bytes(key, limit=4096, retries=QUICK)
+                )
             except NoSuchKey:
                 continue  # released meanwhile: try again
             except S3Error as e:

@@ -92,7 +92,7 @@ class PurgeLog:
         now = self._clock.seconds()
         try:
             listed = await self._client.list(
-                self._dir, start_after=self._key(now - WINDOW)
+                self._dir, start_after=self._key(now - WINDOW), retries=0
             )
         except S3Error as e:
             self._health.failed(e)

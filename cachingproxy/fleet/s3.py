@@ -171,6 +171,7 @@ class S3Client:
         headers: Mapping[str, str] | None = None,
         body: Callable[[], IBodyProducer] | bytes | None = None,
         ok: tuple[int, ...] = (200, 204, 206),
+        retries: int | None = None,
     ) -> IResponse:
         """Send one request (retrying transient failures) and fire with the
         response once its head arrived; the caller reads or drops its body.
@@ -178,8 +179,10 @@ class S3Client:
         @raise PreconditionFailed: 412.
         @raise NoSuchKey: 404.
         @raise S3Error: any other status not in ``ok``; status 0 when the
-            store could not be reached after the retries.
+            store could not be reached after the retries (``retries``, or the
+            client's).
         """
+        retries = self._retries if retries is None else retries
         url = self.url(key, query)
         attempt = 0
         while True:
@@ -209,7 +212,7 @@ class S3Client:
                 if response.code < 500 and error.code != "SlowDown":
                     raise error
             attempt += 1
-            if attempt > self._retries:
+            if attempt > retries:
                 raise error
             await task.deferLater(self._clock, self._backoff * 2 ** (attempt - 1))
 
@@ -232,7 +235,11 @@ class S3Client:
     # -- objects --------------------------------------------------------------
 
     async def get(
-        self, key: str, start: int | None = None, end: int | None = None
+        self,
+        key: str,
+        start: int | None = None,
+        end: int | None = None,
+        retries: int | None = None,
     ) -> IResponse:
         """The object (bytes ``[start, end)`` when given) as a response whose
         body the caller streams with ``deliverBody``."""
@@ -240,7 +247,7 @@ class S3Client:
         if start is not None:
             last = "" if end is None else str(end - 1)
             headers["Range"] = f"bytes={start}-{last}"
-        return await self.request("GET", key, headers=headers)
+        return await self.request("GET", key, headers=headers, retries=retries)
 
     async def get_bytes(
         self,
@@ -248,9 +255,10 @@ class S3Client:
         start: int | None = None,
         end: int | None = None,
         limit: int = 1024 * 1024,
+        retries: int | None = None,
     ) -> bytes:
         """A small object (or range) read whole."""
-        return await _read(await self.get(key, start, end), limit)
+        return await _read(await self.get(key, start, end, retries), limit)
 
     async def head(self, key: str) -> Headers | None:
         """The object's headers, or None when it does not exist."""
@@ -270,6 +278,7 @@ class S3Client:
         if_none_match: bool = False,
         metadata: Mapping[str, str] | None = None,
         content_type: str = "application/octet-stream",
+        retries: int | None = None,
     ) -> str:
         """Store an object in one PUT, or in a multipart upload over
         ``multipart_threshold``; fires with its ETag.
@@ -285,7 +294,9 @@ class S3Client:
         if if_none_match:
             headers["If-None-Match"] = "*"
         if isinstance(body, bytes):
-            response = await self.request("PUT", key, headers=headers, body=body)
+            response = await self.request(
+                "PUT", key, headers=headers, body=body, retries=retries
+            )
             await _read(response, 64 * 1024)
             return (response.headers.getRawHeaders(b"etag") or [b""])[0].decode()
         assert length is not None
@@ -354,7 +365,11 @@ class S3Client:
         await _read(response, 64 * 1024)
 
     async def list(
-        self, prefix: str, start_after: str | None = None, limit: int | None = None
+        self,
+        prefix: str,
+        start_after: str | None = None,
+        limit: int | None = None,
+        retries: int | None = None,
     ) -> list[ObjectInfo]:
         """Objects whose key starts with ``prefix``, in key order."""
         found: list[ObjectInfo] = []
@@ -366,7 +381,7 @@ class S3Client:
             if token is not None:
                 params.append(("continuation-token", token))
             query = "&".join(f"{k}={quote(v, safe='-_.~')}" for k, v in sorted(params))
-            response = await self.request("GET", query=query)
+            response = await self.request("GET", query=query, retries=retries)
             root = ElementTree.fromstring(await _read(response, 16 * 1024 * 1024))
             for item in root.iter(f"{_NS}Contents"):
                 found.append(

@@ -21,6 +21,11 @@ from cachingproxy.interfaces import ICacheStore
 _log = Logger()
 
 
+QUICK = 1
+"""Retries of the requests a client waits on (lookups, reads): a store that
+does not answer is soon skipped rather than waited for."""
+
+
 class SharedTier:
     """Entries in ``location`` through ``client``."""
 
@@ -38,7 +43,9 @@ class SharedTier:
         if not self.available:
             return []
         try:
-            listed = await self.client.list(layout.variants_prefix(self.prefix, url))
+            listed = await self.client.list(
+                layout.variants_prefix(self.prefix, url), retries=QUICK
+            )
             entries = []
             for item in listed:
                 entry = await self._entry(item.key)
@@ -56,7 +63,9 @@ class SharedTier:
     async def _entry(self, key: str) -> StoredResponse | None:
         """The entry stored as object ``key`` (None if gone or not an entry)."""
         try:
-            data = await self.client.get_bytes(key, 0, layout.HEADER_PROBE)
+            data = await self.client.get_bytes(
+                key, 0, layout.HEADER_PROBE, retries=QUICK
+            )
             length = layout.header_length(data)
             if length is not None and length > len(data):
                 data = await self.client.get_bytes(key, 0, length)
@@ -75,7 +84,9 @@ class SharedTier:
         assert where is not None
         key, offset = where
         try:
-            response = await self.client.get(key, offset + start, offset + end)
+            response = await self.client.get(
+                key, offset + start, offset + end, retries=QUICK
+            )
         except S3Error as e:
             if e.status == 0 or e.status >= 500:
                 self.health.failed(e)
@@ -191,4 +202,4 @@ class StoredRange:
             self._producer.stopProducing()  # type: ignore[attr-defined]
 
 
-__all__ = ["SharedTier", "StoredRange"]
+__all__ = ["QUICK", "SharedTier", "StoredRange"]

@@ -10,8 +10,9 @@ bucket second (SPEC 12).
   client that goes away does not stop the copy.
 - A body committed locally is uploaded afterwards, in the background (never
   delaying a client), by one conditional write: the first node wins.
-- Removing an entry removes it from both tiers and tells the other nodes
-  (``on_remove``: the purge log).
+- Removing a URL (all its variants) or a prefix removes it from both tiers
+  and tells the other nodes (``on_remove``: the purge log); removing one
+  variant (its body went missing) is local.
 """
 
 from __future__ import annotations
@@ -190,8 +191,13 @@ class TieredStore:
 
     async def _remove(self, url: str, variant: str | None) -> int:
         removed = await self.local.remove(url, variant)
+        if variant is not None:
+            # One variant goes when its body went missing here (or a purge
+            # raced a download, and the purge itself removes every variant):
+            # a local matter, never a reason to purge the fleet.
+            return removed
         shared = await self._remove_shared(
-            lambda: self.shared.remove(url, variant), {"url": url}
+            lambda: self.shared.remove(url), {"url": url}
         )
         return max(removed, shared)
 
@@ -209,7 +215,7 @@ class TieredStore:
         return defer.Deferred.fromCoroutine(self._remove_prefix(prefix))
 
     async def _remove_shared(self, remove: Any, record: dict[str, str]) -> int:
-        self.on_remove(record)
+        self.on_remove(record)  # even while the store seems down: it may not be
         if not self.shared.available:
             return 0
         try:
