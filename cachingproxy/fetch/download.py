@@ -198,7 +198,17 @@ class Download:
         """Make sure this download leaves no entry behind (admin purge)."""
         self.purged = True
         if self.entry is not None:
-            self._store.remove(self.entry.url, self.entry.variant)
+            self._forget(self.entry)
+
+    def _forget(self, stored: StoredResponse) -> None:
+        """Drop the entry this download made; a failure (the store closing
+        at shutdown, say) is logged, never left unhandled."""
+        d = self._store.remove(stored.url, stored.variant)
+        d.addErrback(
+            lambda f: _log.warn(
+                "could not drop purged {url}: {e}", url=stored.url, e=f.value
+            )
+        )
 
     def read(self, reader: IPartialReader, offset: int, length: int) -> bytes:
         """Body bytes at ``offset`` for a follower, from the store or the spill."""
@@ -456,7 +466,7 @@ class Download:
         def committed(stored: StoredResponse) -> None:
             self.entry = stored
             if self.purged:
-                self._store.remove(stored.url, stored.variant)
+                self._forget(stored)
 
         def not_committed(failure: Failure) -> None:
             _log.failure("could not store {url}", failure, url=self.url)
