@@ -198,9 +198,9 @@ class Download:
         """Make sure this download leaves no entry behind (admin purge)."""
         self.purged = True
         if self.entry is not None:
-            self._forget(self.entry)
+            self._drop_entry(self.entry)
 
-    def _forget(self, stored: StoredResponse) -> None:
+    def _drop_entry(self, stored: StoredResponse) -> None:
         """Drop the entry this download made; a failure (the store closing
         at shutdown, say) is logged, never left unhandled."""
         d = self._store.remove(stored.url, stored.variant)
@@ -466,7 +466,7 @@ class Download:
         def committed(stored: StoredResponse) -> None:
             self.entry = stored
             if self.purged:
-                self._forget(stored)
+                self._drop_entry(stored)
 
         def not_committed(failure: Failure) -> None:
             _log.failure("could not store {url}", failure, url=self.url)
