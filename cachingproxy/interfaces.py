@@ -214,6 +214,18 @@ class IDocumentFilter(Interface):
     def document(status: int, headers: list[Header], body: bytes) -> bytes:
         """The body to send for a document (rewritten when it needs to be)."""
 
+    def stored(
+        entry: StoredResponse, body: bytes | None
+    ) -> Deferred[StoredResponse | bytes]:
+        """
+        What to send for the stored document ``entry`` (``body``: its body,
+        when the caller has read it already): a stored body to send as it
+        is (the entry itself, or its rewritten form kept in the store), or
+        the bytes when no stored form can be had.
+
+        @raise BodyMissing: (as a failure) the entry's body is gone.
+        """
+
 
 class IFleet(Interface):
     """The node's part in a fleet sharing one cache (SPEC 12).

@@ -133,6 +133,7 @@ class Proxy:
             store=store,
             config=config,
             rules=self.rules,
+            clock=clock,
         )
         self.surface = self._surface()
 
@@ -261,10 +262,16 @@ class Proxy:
     # -- admin ------------------------------------------------------------------
 
     def purge_url(self, url: str) -> defer.Deferred[int]:
-        """Drop every variant of ``url``, including one being downloaded."""
+        """Drop every variant of ``url``, including one being downloaded,
+        and the rewritten forms of a mirrored document (keyed ``url#…``)."""
         for download in self.downloads.matching(lambda u: u == url):
             download.purge()
-        return self.store.remove(url)
+        return defer.Deferred.fromCoroutine(self._purge_url(url))
+
+    async def _purge_url(self, url: str) -> int:
+        count = await self.store.remove(url)
+        await self.store.remove_prefix(url + "#")
+        return count
 
     def purge_prefix(self, prefix: str) -> defer.Deferred[int]:
         """Drop every entry whose URL starts with ``prefix``."""

@@ -148,12 +148,9 @@ class Sender:
             if entry.size > MAX_DOCUMENT or not documents.is_document(headers):
                 return False
             age = policy.current_age(entry, self._clock.seconds())
-            try:
-                body = await bodies.read_entry(self._store, entry, MAX_DOCUMENT)
-            except BodyMissing:
-                await self._store.remove(entry.url, entry.variant)
-                self.fail(request, 502, "stored document vanished", info)
-                return True
+            return await self._stored_document(
+                request, entry, None, info, documents, plan.cache, age
+            )
         elif isinstance(plan, FollowDownload):
             status, headers, age = plan.status, list(plan.headers), 0
             if not documents.is_document(headers):
@@ -166,6 +163,10 @@ class Sender:
             except Exception as e:
                 self.fail(request, 502, f"index document: {e}", info, plan.cache)
                 return True
+            if download.entry is not None:  # stored: rewritten once, kept
+                return await self._stored_document(
+                    request, download.entry, body, info, documents, plan.cache, age
+                )
         else:
             status, headers = plan.status, list(plan.headers)
             if head or not documents.is_document(headers):
@@ -179,6 +180,56 @@ class Sender:
         self._write_whole(
             request, status, documents.location(headers), body, plan.cache, age
         )
+        return True
+
+    async def _stored_document(
+        self,
+        request: Request,
+        entry: StoredResponse,
+        body: bytes | None,
+        info: Exchange,
+        documents: IDocumentFilter,
+        cache: CacheStatus,
+        age: float | None,
+    ) -> bool:
+        """A stored document as ``documents`` has it sent: its form kept in
+        the store (sent like any stored body), or bytes made for this one
+        response."""
+        headers = documents.location(list(entry.headers))
+        try:
+            form = await documents.stored(entry, body)
+        except BodyMissing:
+            await self._store.remove(entry.url, entry.variant)
+            self.fail(request, 502, "stored document vanished", info)
+            return True
+        if isinstance(form, bytes):
+            self._write_whole(request, entry.status, headers, form, cache, age)
+            return True
+        if client_gone(request) or request.finished:
+            return True
+        set_head(
+            request,
+            entry.status,
+            headers,
+            cache=cache,
+            via=self.via,
+            age=age,
+            length=form.size,
+        )
+        if request.method == b"HEAD" or not form.size:
+            request.finish()
+            return True
+        try:
+            await self._store.read(form, request)
+        except BodyMissing:
+            _log.warn("stored form of {url} vanished; dropping it", url=form.url)
+            await self._store.remove(form.url, form.variant)
+            abort(request)
+            return True
+        except ConnectionDone:
+            return True
+        if not client_gone(request):
+            request.finish()
         return True
 
     def _write_whole(

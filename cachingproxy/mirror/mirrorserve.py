@@ -11,6 +11,7 @@ import re
 from collections import OrderedDict
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Request
 
@@ -30,6 +31,7 @@ from cachingproxy.mirror import documents
 from cachingproxy.mirror.filter import MirrorFilter
 from cachingproxy.mirror.mirrors import MirrorMatch, MirrorTable, Target
 from cachingproxy.mirror.protocols import Documents, protocol_named
+from cachingproxy.mirror.rendered import RenderedDocuments
 from cachingproxy.mirror.rewrite import MAX_DOCUMENT, Digest, document_kind, merge
 
 _log = Logger()
@@ -51,6 +53,7 @@ class MirrorService:
         store: ICacheStore,
         config: ProxyConfig,
         rules: tuple[Rule, ...],
+        clock: IReactorTime,
     ) -> None:
         self.table = table
         self._cached = cached
@@ -65,6 +68,7 @@ class MirrorService:
         self.digests: OrderedDict[str, Digest] = OrderedDict()
         """Digests published by index documents served, by the cache key of
         the file they describe (bounded, oldest dropped)."""
+        self._rendered = RenderedDocuments(store, clock, self._remember, table)
 
     def match(self, path: str) -> MirrorMatch | None:
         """The mirror serving local ``path``, if any."""
@@ -87,7 +91,9 @@ class MirrorService:
             rule = self._mirror_rule  # everything under a mirror is metadata
         # A package file is never rewritten, whatever its Content-Type.
         kind = Documents.NONE if rule.ttl == FOREVER else documents_of(target)
-        rewrite = MirrorFilter(target, self.table, url, self._remember, kind)
+        rewrite = MirrorFilter(
+            target, self.table, url, self._remember, kind, rendered=self._rendered
+        )
         plan: Plan
         if policy.request_bypass(rule, method, client_headers) is not None:
             plan = await self._forwarder.forward(
@@ -111,6 +117,7 @@ class MirrorService:
                     url,
                     self._remember,
                     kind,
+                    rendered=self._rendered,
                 )
             else:
                 plan = await self._cached.decide(
