@@ -18,9 +18,11 @@ import os
 import tarfile
 import zipfile
 from typing import Any
+from urllib.parse import unquote
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import NoResource, Resource
 from twisted.web.static import File
 
 from .support import TrackingSite
@@ -52,19 +54,39 @@ class _RecordingSite(TrackingSite):
         self.seen.append((request.uri.decode(), request.code))
 
 
-class DirectoryOrigin:
-    """``root`` served on 127.0.0.1 by twisted.web's ``File`` (Range, ETag
-    from the file's mtime and size, HEAD), recording every request;
-    ``stop()`` closes it for good, as a registry that went down."""
+_TYPES = {".json": "application/json", ".xml": "application/xml"}
 
-    def __init__(self, test: TestCase, root: str) -> None:
-        resource = File(root, defaultType="application/octet-stream")
-        resource.contentTypes = {
-            **resource.contentTypes,
-            ".json": "application/json",
-            ".xml": "application/xml",
-        }
-        self.site = _RecordingSite(resource)
+
+class _Files(Resource):
+    """The file at the request's path in the first of ``roots`` that has it,
+    served by twisted.web's ``File`` (Range, HEAD, Last-Modified, ETag from
+    mtime and size); 404 for anything else."""
+
+    isLeaf = True
+
+    def __init__(self, roots: tuple[str, ...]) -> None:
+        super().__init__()
+        self.roots = roots
+
+    def render(self, request: Any) -> Any:
+        parts = [unquote(p) for p in request.path.decode().split("/")[1:]]
+        if parts and all(p not in ("", ".", "..") and "/" not in p for p in parts):
+            for root in self.roots:
+                path = os.path.join(root, *parts)
+                if os.path.isfile(path):
+                    resource = File(path, defaultType="application/octet-stream")
+                    resource.contentTypes = {**resource.contentTypes, **_TYPES}
+                    return resource.render(request)
+        return NoResource().render(request)
+
+
+class DirectoryOrigin:
+    """The files under ``roots`` (the first that has a path wins) served on
+    127.0.0.1, recording every request; ``stop()`` closes it for good, as a
+    registry that went down."""
+
+    def __init__(self, test: TestCase, *roots: str) -> None:
+        self.site = _RecordingSite(_Files(roots))
         self._port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.base = f"http://127.0.0.1:{self._port.getHost().port}/"
         self.running = True
@@ -257,11 +279,65 @@ def maven_artifact(
     return jar
 
 
+# -- RubyGems ---------------------------------------------------------------------
+
+RUBY_INDEX = r"""
+require "rubygems/package"
+out = ARGV.shift
+specs = ARGV.map { |f| Gem::Package.new(f).spec }
+specs.each do |s|
+  File.binwrite(File.join(out, "quick/Marshal.4.8/#{s.full_name}.gemspec.rz"),
+                Gem.deflate(Marshal.dump(s)))
+end
+tuples = specs.map { |s| [s.name, s.version, s.original_platform] }
+%w[specs latest_specs].each do |name|
+  File.binwrite(File.join(out, "#{name}.4.8.gz"), Gem::Util.gzip(Marshal.dump(tuples)))
+end
+File.binwrite(File.join(out, "prerelease_specs.4.8.gz"), Gem::Util.gzip(Marshal.dump([])))
+"""
+
+
+def gemspec(name: str, version: str, deps: dict[str, str]) -> str:
+    """A gemspec for ``gem build``."""
+    lines = [
+        "Gem::Specification.new do |s|",
+        f'  s.name = "{name}"',
+        f'  s.version = "{version}"',
+        '  s.summary = "a gem served by the cachingproxy tests"',
+        '  s.authors = ["tests"]',
+        '  s.license = "MIT"',
+        f'  s.files = ["lib/{name}.rb"]',
+        *(f'  s.add_runtime_dependency "{d}", "{r}"' for d, r in deps.items()),
+        "end",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def compact_index(
+    gems: dict[str, tuple[str, dict[str, str], bytes]],
+) -> dict[str, bytes]:
+    """``/versions`` and ``/info/NAME`` for ``name → (version, deps, .gem)``,
+    as rubygems.org writes them (``versions`` lists each info file's MD5)."""
+    files: dict[str, bytes] = {}
+    lines = ["created_at: 2024-01-01T00:00:00Z", "---"]
+    for name, (version, deps, data) in sorted(gems.items()):
+        requirements = ",".join(f"{d}:{r}" for d, r in deps.items())
+        checksum = hashlib.sha256(data).hexdigest()
+        info = f"---\n{version} {requirements}|checksum:{checksum}\n".encode()
+        files[f"info/{name}"] = info
+        lines.append(f"{name} {version} {hashlib.md5(info).hexdigest()}")
+    files["versions"] = ("\n".join(lines) + "\n").encode()
+    return files
+
+
 __all__ = [
+    "RUBY_INDEX",
     "DirectoryOrigin",
     "alpine_repository",
+    "compact_index",
     "crate",
     "crate_index_path",
+    "gemspec",
     "go_module",
     "maven_artifact",
     "read",

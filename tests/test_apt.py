@@ -170,10 +170,12 @@ class AptThroughProxyTests(TestCase):
         return config
 
     async def _apt_run(
-        self, config: str, proxy_port: int
+        self, config: str, proxy_port: int | None
     ) -> tuple[ProcessResult, ProcessResult, bytes]:
         """``apt-get update`` then ``apt-get download`` with fresh lists and
-        cache directories; returns both results and the downloaded .deb."""
+        cache directories (through the proxy at ``proxy_port``, or straight
+        to the sources' URLs when None); returns both results and the
+        downloaded .deb."""
         run = os.path.abspath(self.mktemp())
         lists, cache, here = (os.path.join(run, d) for d in ("lists", "cache", "cwd"))
         for d in (
@@ -188,7 +190,8 @@ class AptThroughProxyTests(TestCase):
             "-o",
             f"Dir::Cache={cache}",
             "-o",
-            f"Acquire::http::Proxy=http://127.0.0.1:{proxy_port}/",
+            "Acquire::http::Proxy="
+            + ("DIRECT" if proxy_port is None else f"http://127.0.0.1:{proxy_port}/"),
         ]
         env = no_proxy_env(
             APT_CONFIG=config, LC_ALL="C", DEBIAN_FRONTEND="noninteractive"
@@ -303,3 +306,64 @@ class AptThroughProxyTests(TestCase):
         self.assertEqual(cache_status["/dists/stable/Release"], "STALE")
         self.assertEqual(cache_status["/dists/legacy/Release"], "STALE")
         self.assertEqual(cache_status[f"/dists/legacy/{binary}/Packages.gz"], "STALE")
+
+    def test_debian_preset_as_mirror(self) -> defer.Deferred[None]:
+        """The ``debian`` preset's ``/debian/`` mounted over the repository
+        (upstream overridden, apt protocol kept) in ``sources.list`` as
+        ``http://cache/debian/``, no proxy setting: update and download
+        succeed; with the origin stopped and fresh apt lists and cache, again,
+        the ``.deb`` and the by-hash index HITs and the Release file served
+        from the cache within ``--index-ttl``."""
+        return _as_deferred(self._mirror())
+
+    async def _mirror(self) -> None:
+        from cachingproxy.mirror.mirrors import combine, parse_mirror
+
+        arch = (await _check(["dpkg", "--print-architecture"])).out.decode().strip()
+        root = os.path.abspath(self.mktemp())
+        deb = await build_repository(self, root, arch)
+        site = _RecordingSite(File(root))
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        stopped: list[bool] = []
+
+        async def stop_origin() -> None:
+            if not stopped:
+                stopped.append(True)
+                await port.stopListening()
+                await site.close_all()
+
+        self.addCleanup(lambda: _as_deferred(stop_origin()))
+        base = f"http://127.0.0.1:{port.getHost().port}/"
+        mirrors = combine([*parse_mirror("debian"), *parse_mirror(f"/debian/={base}")])
+        self.assertIn("apt", {m.protocol for m in mirrors if m.prefix == "/debian/"})
+        access_log = os.path.abspath(self.mktemp())
+        _, proxy_port = start_proxy(self, access_log=access_log, mirrors=mirrors)
+        sources = os.path.abspath(self.mktemp())
+        _write(
+            sources,
+            f"deb [trusted=yes] http://127.0.0.1:{proxy_port}/debian/ stable main\n".encode(),
+        )
+        config = self._apt_config(arch, sources)
+        update, download, got = await self._apt_run(config, None)
+        self.assertEqual(update.code, 0, update.output)
+        self.assertNotIn("W:", update.output)
+        self.assertEqual(download.code, 0, download.output)
+        self.assertEqual(got, deb)
+        pool = f"/pool/main/c/{PACKAGE}/{DEB}"
+        self.assertEqual([c for p, c in site.seen if p == pool], [200])
+
+        await stop_origin()
+        with open(access_log) as f:
+            first_lines = len(f.readlines())
+        update2, download2, got2 = await self._apt_run(config, None)
+        self.assertEqual(update2.code, 0, update2.output)
+        self.assertEqual(download2.code, 0, download2.output)
+        self.assertEqual(got2, deb)
+        with open(access_log) as f:
+            second = [line.split() for line in f.readlines()[first_lines:]]
+        cache_status = {fields[3][len(base) - 1 :]: fields[7] for fields in second}
+        self.assertEqual(cache_status[pool], "HIT")
+        self.assertEqual(cache_status["/dists/stable/Release"], "HIT")
+        by_hash = [p for p in cache_status if "/by-hash/" in p]
+        self.assertEqual(len(by_hash), 1, cache_status)
+        self.assertEqual(cache_status[by_hash[0]], "HIT")
