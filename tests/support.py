@@ -12,7 +12,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import attrs
@@ -222,6 +222,12 @@ def header(response: Any, name: str) -> str | None:
     )
 
 
+def run(coroutine: Coroutine[Any, Any, None]) -> defer.Deferred[None]:
+    """A test's coroutine as the Deferred trial waits for
+    (``return run(self._scenario())``)."""
+    return defer.Deferred.fromCoroutine(coroutine)
+
+
 def pause(seconds: float = 0.0) -> defer.Deferred[None]:
     """Let the reactor run (for waiting on the other side of a socket)."""
     return deferLater(reactor, seconds, lambda: None)
@@ -249,6 +255,7 @@ __all__ = [
     "header",
     "pause",
     "proxy_config",
+    "run",
     "start_origin",
     "start_proxy",
     "wait_for",

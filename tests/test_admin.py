@@ -17,7 +17,6 @@ import random
 import signal
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -54,16 +53,6 @@ TOKEN = "s3cret-admin-token"
 
 def _body(size: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(size)
-
-
-def run(f: Callable[..., Awaitable[None]]) -> Callable[..., defer.Deferred[None]]:
-    """Turn an ``async def`` test method into one trial can run."""
-
-    @functools.wraps(f)
-    def wrapper(self: TestCase) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(f(self))  # type: ignore[arg-type]
-
-    return wrapper
 
 
 async def _status(test: TestCase, pport: int) -> dict[str, Any]:
@@ -155,7 +144,6 @@ class _Traffic:
 
 
 class StatusJsonTests(TestCase):
-    @run
     async def test_figures_match_the_traffic(self) -> None:
         """After 5 proxied requests (3 hits, 2 misses) ``/status.json`` shows
         exactly those counts, the bytes served from cache and fetched
@@ -186,7 +174,6 @@ class StatusJsonTests(TestCase):
         )
         self.assertEqual(traffic.origin.count(), 2)
 
-    @run
     async def test_own_pages_are_not_counted(self) -> None:
         """Requests for the proxy's own pages (status, metrics, purge) are not
         proxied requests: the counters stay at zero until one is made."""
@@ -207,7 +194,6 @@ class StatusJsonTests(TestCase):
 
 
 class MetricsTests(TestCase):
-    @run
     async def test_metrics_parse_and_match_the_traffic(self) -> None:
         """``/metrics`` parses as Prometheus text and its counters and gauges
         equal what the test did (and what ``/status.json`` says)."""
@@ -243,7 +229,6 @@ class MetricsTests(TestCase):
 
 
 class InFlightTests(TestCase):
-    @run
     async def test_page_and_json_show_a_download_in_flight(self) -> None:
         """While a download is held back by its origin, the well-formed status
         page lists its URL, ``/status.json`` lists it with bytes so far,
@@ -283,7 +268,6 @@ class InFlightTests(TestCase):
         self.assertEqual(_in_flight_urls(_parse_page(self, html)), [])
         self.assertEqual((await _status(self, pport))["in_flight"], [])
 
-    @run
     async def test_pass_through_download_shown(self) -> None:
         """A response streamed through unstored (here: over
         ``max_object_size``) is a download in flight too, for the operator."""
@@ -391,7 +375,6 @@ class PurgeTests(TestCase):
             return 200, json.loads(body)
         return response.code, body
 
-    @run
     async def test_purge_url_drops_every_variant(self) -> None:
         """``DELETE /cache?url=URL`` from loopback drops both variants of a
         ``Vary: Accept`` URL and answers ``{"removed": 2}``; the URL is a MISS
@@ -426,7 +409,6 @@ class PurgeTests(TestCase):
             await self.purge(pport, "url", url[:-1]), (200, {"removed": 0})
         )
 
-    @run
     async def test_purge_prefix(self) -> None:
         """``DELETE /cache?prefix=URL`` drops every entry whose URL starts
         with it, and only those; scheme and host match in any case."""
@@ -451,7 +433,6 @@ class PurgeTests(TestCase):
         )
         self.assertEqual(service.store.usage().entries, 0)
 
-    @run
     async def test_bad_purge_requests(self) -> None:
         """A purge without exactly one ``url`` or ``prefix``, with a bad URL,
         or with another method than DELETE is refused with a 4xx and
@@ -500,13 +481,11 @@ class PurgeTests(TestCase):
         self.assertEqual((header(again, "x-cache"), got), ("MISS", body))
         self.assertEqual(self.origin.count("/held/x-1.0.tar.gz"), 2)
 
-    @run
     async def test_purge_url_during_download(self) -> None:
         """A purge of a URL whose download is in flight leaves no entry once
         the download ends; its client still gets the whole body."""
         await self._purge_in_flight("url", self.url("/held/x-1.0.tar.gz"))
 
-    @run
     async def test_purge_prefix_during_download(self) -> None:
         """Likewise for a prefix purge covering the URL being downloaded."""
         await self._purge_in_flight("prefix", self.url("/held/"))
@@ -554,7 +533,6 @@ class PurgeAccessTests(TestCase):
         assert service.store is not None
         return service.store.usage().entries
 
-    @run
     async def test_remote_refused_without_token(self) -> None:
         """Without ``--admin-token`` a non-loopback client gets 403 for a
         purge, whatever it sends, and nothing is removed; it may still read
@@ -571,7 +549,6 @@ class PurgeAccessTests(TestCase):
         status, _, body = await from_peer(self, service, request, "10.0.0.5")
         self.assertEqual((status, json.loads(body)["entries"]), (200, 1))
 
-    @run
     async def test_remote_needs_the_right_token(self) -> None:
         """With ``--admin-token`` a non-loopback client gets 403 without the
         header, with a wrong token or another scheme, and purges with
@@ -585,7 +562,6 @@ class PurgeAccessTests(TestCase):
         self.assertEqual((status, json.loads(body)), (200, {"removed": 1}))
         self.assertEqual(self.entries(service), 0)
 
-    @run
     async def test_client_outside_allow_client_refused_even_with_token(self) -> None:
         """The token does not open the proxy to clients outside
         ``--allow-client``: they get 403 before any admin check."""
@@ -597,7 +573,6 @@ class PurgeAccessTests(TestCase):
         self.assertIn(b"client not allowed", body)
         self.assertEqual(self.entries(service), 1)
 
-    @run
     async def test_loopback_always_allowed(self) -> None:
         """A real loopback connection may purge even with ``--admin-token``
         set and a wrong bearer token sent."""
@@ -624,7 +599,6 @@ def _lines(path: str) -> list[str]:
 
 
 class AccessLogTests(TestCase):
-    @run
     async def test_one_line_per_request_in_order(self) -> None:
         """Every request, proxied or for the proxy's own pages, gets one line:
         time, client, method, URL, status, bytes, duration ms, cache status,

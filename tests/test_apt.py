@@ -29,6 +29,7 @@ from .support import (
     ProcessResult,
     TrackingSite,
     no_proxy_env,
+    run,
     run_process,
     start_proxy,
 )
@@ -36,10 +37,6 @@ from .support import (
 PACKAGE = "cachingproxy-demo"
 DEB = f"{PACKAGE}_1.0_all.deb"
 TOOLS = ("apt-get", "apt-ftparchive", "dpkg-deb", "dpkg")
-
-
-def _as_deferred(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 def _read(path: str) -> bytes:
@@ -214,7 +211,7 @@ class AptThroughProxyTests(TestCase):
         the cache (Release and Packages.gz served STALE, the by-hash index,
         the .deb and the 404 for InRelease as HIT), the .deb byte for byte; Release/InRelease/Packages
         fall under the index-TTL rule, .deb and by-hash files under forever."""
-        return _as_deferred(self._update_and_download())
+        return run(self._update_and_download())
 
     async def _update_and_download(self) -> None:
         arch = (await _check(["dpkg", "--print-architecture"])).out.decode().strip()
@@ -231,7 +228,7 @@ class AptThroughProxyTests(TestCase):
                 await port.stopListening()
                 await site.close_all()
 
-        self.addCleanup(lambda: _as_deferred(stop_origin()))
+        self.addCleanup(lambda: run(stop_origin()))
         base = f"http://127.0.0.1:{port.getHost().port}"
         sources = os.path.abspath(self.mktemp())
         _write(

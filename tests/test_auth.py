@@ -39,6 +39,7 @@ from .support import (
     parse_raw_response,
     raw_connect,
     raw_exchange,
+    run,
     run_process,
     start_origin,
     start_proxy,
@@ -52,10 +53,6 @@ SHA_BOB = "{SHA}" + base64.b64encode(hashlib.sha1(b"builder").digest()).decode()
 
 def basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-def run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 class LogCapture:

@@ -9,11 +9,9 @@ disk).
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 import sqlite3
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -49,16 +47,6 @@ MiB = 1024 * KiB
 
 def _body(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
-
-
-def run(f: Callable[..., Awaitable[None]]) -> Callable[..., defer.Deferred[None]]:
-    """Turn an ``async def`` test method into one trial can run."""
-
-    @functools.wraps(f)
-    def wrapper(self: TestCase) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(f(self))  # type: ignore[arg-type]
-
-    return wrapper
 
 
 def _on_disk(cache_dir: str) -> tuple[int, int, list[str]]:
@@ -114,7 +102,6 @@ class BudgetTests(TestCase):
         self.assertEqual(_index_totals(cache_dir), (usage.entries, usage.bytes))
         self.assertEqual(_on_disk(cache_dir), (usage.entries, usage.bytes, []))
 
-    @run
     async def test_concurrent_downloads_stay_within_budget(self) -> None:
         """18 files of 200 KiB through a 1 MiB budget, 16 of them fetched at
         once while other clients read (and stall on) hits: every client gets
@@ -153,7 +140,6 @@ class BudgetTests(TestCase):
         # Hot entries may have been evicted and fetched again meanwhile.
         self.assertGreaterEqual(origin.count(), len(bodies))
 
-    @run
     async def test_entry_being_read_is_not_evicted(self) -> None:
         """A stored body that a slow client is still reading is never evicted
         under it, though least recently used; once the read is over it is
@@ -207,7 +193,6 @@ class BudgetTests(TestCase):
         response, got = await fetch(client(self, pport), big_url)
         self.assertEqual((header(response, "x-cache"), got), ("MISS", big))
 
-    @run
     async def test_budget_restored_when_the_last_read_ends(self) -> None:
         """When the only entry that could make room is being read, a commit
         may take the store past its budget; as soon as that read ends the
@@ -236,7 +221,6 @@ class BudgetTests(TestCase):
         self.at_rest(service)
         self.assertEqual(await store.lookup(big_url), [])
 
-    @run
     async def test_hits_keep_a_hot_entry(self) -> None:
         """LRU: an entry hit between downloads stays while entries stored
         after it but never hit are evicted."""
@@ -292,12 +276,10 @@ class TooBigTests(TestCase):
         tmp = os.path.join(service.config.cache_dir, "tmp")
         self.assertEqual(os.listdir(tmp), [])
 
-    @run
     async def test_larger_than_the_budget(self) -> None:
         """A body bigger than ``max_size`` (declared or not) is not stored."""
         await self.streams_through(max_size=256 * KiB)
 
-    @run
     async def test_larger_than_max_object_size(self) -> None:
         """A body bigger than ``max_object_size`` is not stored."""
         await self.streams_through(max_size=64 * MiB, max_object_size=256 * KiB)
@@ -344,7 +326,6 @@ class DiskFullTests(TestCase):
             await stored(service, url)
         self.assertEqual(seen, ["MISS", "HIT"])
 
-    @run
     async def test_clients_get_the_body_when_the_store_fills(self) -> None:
         """Five clients sharing a download that the store cannot hold all get
         the whole body; a client arriving after the store filled gets it too;
@@ -378,7 +359,6 @@ class DiskFullTests(TestCase):
         )
         await self.still_serving(service, pport, oport)
 
-    @run
     async def test_spill_is_bounded_by_a_slow_client(self) -> None:
         """When the store is full, the bytes kept for a client that does not
         read are bounded: the upstream is paused, not buffered; when the

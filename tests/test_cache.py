@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import random
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -49,16 +47,6 @@ def _body(size: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def run(f: Callable[..., Awaitable[None]]) -> Callable[..., defer.Deferred[None]]:
-    """Turn an ``async def`` test method into one trial can run."""
-
-    @functools.wraps(f)
-    def wrapper(self: TestCase) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(f(self))  # type: ignore[arg-type]
-
-    return wrapper
-
-
 class MissThenHitTests(TestCase):
     def test_miss_then_hit(self) -> defer.Deferred[None]:
         """A second request is served from cache: one origin request, same bytes."""
@@ -81,7 +69,6 @@ class MissThenHitTests(TestCase):
 
 
 class CoalescingTests(TestCase):
-    @run
     async def test_concurrent_cold_clients_share_one_download(self) -> None:
         """20 clients asking at once for an uncached file cause one upstream
         request, and every one of them gets the origin's exact bytes."""
@@ -106,7 +93,6 @@ class CoalescingTests(TestCase):
             self.assertEqual(got, body)
         self.assertEqual(origin.count("/big-1.0.tar.gz"), 1)
 
-    @run
     async def test_stalled_client_does_not_hold_back_others(self) -> None:
         """A client that stops reading does not hold back the download or a
         fast client on the same file; it still gets every byte later."""
@@ -148,7 +134,6 @@ class CoalescingTests(TestCase):
 
 
 class BrokenDownloadTests(TestCase):
-    @run
     async def test_origin_breaks_off_mid_body(self) -> None:
         """An upstream that closes half way through its declared length gives
         the client an error, stores nothing and leaves no temporary file."""
@@ -201,7 +186,6 @@ class StaleOnErrorTests(TestCase):
         await stored(service, url)
         return service, http, url
 
-    @run
     async def test_connection_refused(self) -> None:
         """Upstream refuses connections: the stale entry is served as STALE."""
         running = StoppableOrigin(self)
@@ -214,7 +198,6 @@ class StaleOnErrorTests(TestCase):
         self.assertIsNotNone(header(response, "age"))
         self.assertEqual(running.origin.count(), 1)
 
-    @run
     async def test_timeout(self) -> None:
         """Upstream accepts the request but never answers: after the timeouts
         the stale entry is served as STALE."""
@@ -239,7 +222,6 @@ class StaleOnErrorTests(TestCase):
         # The proxy gave up on the hung request and closed its connection.
         await wait_for(lambda: hung[0]._disconnected)
 
-    @run
     async def test_upstream_5xx(self) -> None:
         """Upstream answers 503: the stale entry is served as STALE."""
         origin, oport = start_origin(self)
@@ -251,7 +233,6 @@ class StaleOnErrorTests(TestCase):
         self.assertEqual(got, self.INDEX)
         self.assertEqual(origin.count(), 2)
 
-    @run
     async def test_max_stale_exceeded(self) -> None:
         """An entry stale for longer than ``max_stale`` is not served on error:
         the client gets the upstream error instead."""
@@ -265,7 +246,6 @@ class StaleOnErrorTests(TestCase):
         self.assertNotEqual(header(response, "x-cache"), "STALE")
         self.assertNotEqual(got, self.INDEX)
 
-    @run
     async def test_refused_without_stale_entry(self) -> None:
         """Nothing cached and upstream refuses connections: 502."""
         running = StoppableOrigin(self)
@@ -279,7 +259,6 @@ class StaleOnErrorTests(TestCase):
 
 
 class RevalidationTests(TestCase):
-    @run
     async def test_304_refreshes_without_download(self) -> None:
         """A stale entry with an ETag is revalidated with If-None-Match; the
         origin's 304 (no body) refreshes it and the client gets the stored
@@ -319,7 +298,6 @@ class RevalidationTests(TestCase):
         self.assertEqual(codes, [200, 304])
         self.assertEqual(sent, [len(body), 0])
 
-    @run
     async def test_changed_upstream_replaces_entry(self) -> None:
         """A revalidation answered with a new 200 replaces the stored bytes."""
         origin, oport = start_origin(self)
@@ -338,7 +316,6 @@ class RevalidationTests(TestCase):
         (entry,) = await service.store.lookup(url)
         self.assertEqual(entry.header("etag"), '"new"')
 
-    @run
     async def test_client_conditional_answered_from_cache(self) -> None:
         """A client's If-None-Match that matches a fresh entry gets 304 from
         the cache without a body or an upstream request."""
@@ -359,7 +336,6 @@ class RevalidationTests(TestCase):
 
 
 class VaryTests(TestCase):
-    @run
     async def test_html_and_json_variants_kept_apart(self) -> None:
         """PyPI's HTML and PEP 691 JSON answers for one URL (``Vary: Accept``)
         are both cached, and each client gets the variant it asked for."""
@@ -395,7 +371,6 @@ class VaryTests(TestCase):
         self.assertEqual(seen, ["MISS", "MISS", "HIT", "HIT"])
         self.assertEqual(origin.count(), 2)
 
-    @run
     async def test_concurrent_variants_share_downloads(self) -> None:
         """Clients asking at once for two variants of one URL cause one
         upstream request per variant, and each gets its own bytes."""
@@ -434,7 +409,6 @@ class RangeTests(TestCase):
         self.service, pport = start_proxy(self)
         self.http = client(self, pport)
 
-    @run
     async def test_ranges_from_a_stored_entry(self) -> None:
         """Single byte ranges on a stored entry are 206 with the exact bytes and
         Content-Range; one past the end is 416; several ranges get the whole."""
@@ -464,7 +438,6 @@ class RangeTests(TestCase):
         self.assertEqual(got, self.body)
         self.assertEqual(self.origin.count(), 1)
 
-    @run
     async def test_range_on_a_miss_caches_the_whole_file(self) -> None:
         """A range request for an uncached file gets its exact range while the
         whole file is fetched (without Range) and stored for later hits."""
@@ -505,13 +478,11 @@ class OriginRuleTests(TestCase):
             await downloads_done(self.service)
         return seen
 
-    @run
     async def test_no_store(self) -> None:
         """``Cache-Control: no-store`` from the origin: never stored."""
         self.assertEqual(await self._twice("/page.html", "no-store"), ["MISS", "MISS"])
         self.assertEqual(self.origin.count(), 2)
 
-    @run
     async def test_private(self) -> None:
         """``Cache-Control: private`` from the origin: never stored (shared cache)."""
         self.assertEqual(
@@ -519,7 +490,6 @@ class OriginRuleTests(TestCase):
         )
         self.assertEqual(self.origin.count(), 2)
 
-    @run
     async def test_max_age(self) -> None:
         """``Cache-Control: max-age=60``: stored and served as a HIT."""
         self.assertEqual(
@@ -527,7 +497,6 @@ class OriginRuleTests(TestCase):
         )
         self.assertEqual(self.origin.count(), 1)
 
-    @run
     async def test_client_no_cache_revalidates_under_origin(self) -> None:
         """A client's ``Cache-Control: no-cache`` forces a revalidation of a
         fresh ``origin`` entry."""
@@ -544,7 +513,6 @@ class OriginRuleTests(TestCase):
         self.assertEqual(self.origin.count(), 2)
         self.assertEqual(self.origin.requests[1].header("if-none-match"), '"e1"')
 
-    @run
     async def test_client_no_cache_ignored_for_packages(self) -> None:
         """A client's ``Cache-Control: no-cache`` does not touch an immutable
         package file: it is a HIT."""
@@ -569,14 +537,12 @@ class NegativeCacheTests(TestCase):
             await downloads_done(service)
         return seen, origin
 
-    @run
     async def test_404_is_cached(self) -> None:
         """A 404 is stored for ``negative_ttl``: the second request is a HIT."""
         seen, origin = await self._twice()
         self.assertEqual(seen, ["MISS", "HIT"])
         self.assertEqual(origin.count(), 1)
 
-    @run
     async def test_negative_ttl_zero(self) -> None:
         """With ``negative_ttl=0`` a 404 is not stored."""
         seen, origin = await self._twice(negative_ttl=0.0)
@@ -585,7 +551,6 @@ class NegativeCacheTests(TestCase):
 
 
 class OfflineTests(TestCase):
-    @run
     async def test_offline(self) -> None:
         """``offline`` serves what is cached without contacting upstream (a
         stale entry as OFFLINE, a fresh one as HIT); a miss is 504."""
@@ -614,7 +579,6 @@ class OfflineTests(TestCase):
 
 
 class HeadTests(TestCase):
-    @run
     async def test_head_from_stored_get(self) -> None:
         """HEAD is answered from a stored GET: no upstream request, the stored
         Content-Length, no body."""
@@ -651,7 +615,6 @@ class HeaderTests(TestCase):
         self.service, self.pport = start_proxy(self)
         self.url = f"http://127.0.0.1:{oport}/hop-1.0.tar.gz"
 
-    @run
     async def test_hop_by_hop_request_headers_dropped(self) -> None:
         """Hop-by-hop request headers (and those named by Connection) do not
         reach the origin; Via does, X-Forwarded-For is not added."""
@@ -677,7 +640,6 @@ class HeaderTests(TestCase):
         self.assertIsNone(seen.header("x-forwarded-for"))
         self.assertEqual(seen.header("via"), self.VIA)
 
-    @run
     async def test_hop_by_hop_response_headers_dropped(self) -> None:
         """The origin's Keep-Alive does not reach the client, on a miss or a
         hit; end-to-end headers do, with Via, and hits carry Age."""
@@ -693,7 +655,6 @@ class HeaderTests(TestCase):
         self.assertIn("age", headers)
         self.assertEqual(self.origin.count(), 1)
 
-    @run
     async def test_connection_named_response_header_dropped(self) -> None:
         """A response header the origin names in Connection (X-Bar) does not
         reach the client."""
@@ -709,7 +670,6 @@ class BypassTests(TestCase):
         self.service, pport = start_proxy(self)
         self.http = client(self, pport)
 
-    @run
     async def test_post_and_put_forwarded_uncached(self) -> None:
         """POST and PUT bodies reach the origin intact and are not cached."""
 
@@ -734,7 +694,6 @@ class BypassTests(TestCase):
         (seen,) = {r.header("content-length") for r in self.origin.requests[:2]}
         self.assertEqual(seen, str(MiB))
 
-    @run
     async def test_credentials_bypass(self) -> None:
         """Requests with Authorization or Cookie bypass the cache and what they
         fetch is not stored."""
@@ -773,19 +732,16 @@ class NotStoredTests(TestCase):
         self.assertEqual(self.origin.count(path), 2)
         return seen
 
-    @run
     async def test_set_cookie(self) -> None:
         """A response with Set-Cookie is not stored."""
         self.origin.static("/c-1.0.tar.gz", b"cookie", [("Set-Cookie", "a=b")])
         self.assertEqual(await self._twice("/c-1.0.tar.gz", b"cookie"), ["MISS"] * 2)
 
-    @run
     async def test_vary_star(self) -> None:
         """A response with ``Vary: *`` is not stored."""
         self.origin.static("/simple/star/", b"star", [("Vary", "*")])
         self.assertEqual(await self._twice("/simple/star/", b"star"), ["MISS"] * 2)
 
-    @run
     async def test_over_max_object_size(self) -> None:
         """A body over ``max_object_size`` is streamed through, not stored,
         whether its length is declared or not."""
@@ -801,7 +757,6 @@ class NotStoredTests(TestCase):
 
 
 class ClientGoneTests(TestCase):
-    @run
     async def test_client_leaving_does_not_abort_download(self) -> None:
         """A client that disconnects mid-download does not stop the download:
         the file is still stored and the next request is a HIT."""
@@ -828,7 +783,6 @@ class ClientGoneTests(TestCase):
 
 
 class ContentEncodingTests(TestCase):
-    @run
     async def test_gzip_tarball_passed_through_untouched(self) -> None:
         """A ``.tar.gz`` sent with ``Content-Encoding: gzip`` is stored and
         served byte for byte with the header kept."""
@@ -858,7 +812,6 @@ class ContentEncodingTests(TestCase):
 
 
 class RestartTests(TestCase):
-    @run
     async def test_entries_survive_restart(self) -> None:
         """A new proxy on the same cache directory serves what the old one
         stored, without asking upstream."""
@@ -879,7 +832,6 @@ class RestartTests(TestCase):
 
 
 class ChunkedTests(TestCase):
-    @run
     async def test_chunked_response_stored(self) -> None:
         """A response without Content-Length (chunked) is stored when complete
         and then served as a HIT with the right Content-Length."""

@@ -24,6 +24,7 @@ from .support import (
     TrackingSite,
     fake_resolver,
     free_port,
+    run,
     run_process,
     start_proxy,
     start_proxy_with,
@@ -32,10 +33,6 @@ from .test_tls import Authority, HTTPSOrigin
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 BODY = b"wheel bytes " * 4096
-
-
-def run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 class ConnectTests(TestCase):

@@ -18,7 +18,6 @@ import os
 import re
 import shlex
 import shutil
-from typing import Any
 
 from twisted.internet import defer
 from twisted.trial.unittest import SkipTest, TestCase
@@ -35,6 +34,7 @@ from .support import (
     etc_path,
     free_port,
     no_proxy_env,
+    run,
     run_process,
     start_origin,
     with_defines,
@@ -49,10 +49,6 @@ MIRROR_HOSTS = (
 )
 """Names for the scratch namespaces' hosts file: one with several addresses
 of both families (as CDN-hosted mirrors have), one with a single address."""
-
-
-def _as_deferred(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 def _read(path: str) -> str:
@@ -202,7 +198,7 @@ class SystemdUnitTests(TestCase):
             )
             self.assertEqual((result.code, result.output), (0, ""))
 
-        return _as_deferred(check())
+        return run(check())
 
     def test_verify_socket_activation(self) -> defer.Deferred[None]:
         """The socket, the service and its socket-activation drop-in verify
@@ -215,7 +211,7 @@ class SystemdUnitTests(TestCase):
             result = await self._verify(units, *SYSTEMD)
             self.assertEqual((result.code, result.output), (0, ""))
 
-        return _as_deferred(check())
+        return run(check())
 
     def test_verify_catches_mistakes(self) -> defer.Deferred[None]:
         """The checker is not a rubber stamp: a misspelt key in the shipped
@@ -230,7 +226,7 @@ class SystemdUnitTests(TestCase):
             )
             self.assertIn("NoNewPrivilege", result.output)
 
-        return _as_deferred(check())
+        return run(check())
 
     def test_exec_start(self) -> None:
         """ExecStart runs ``twistd -n --pidfile= cachingproxy`` with options the
@@ -284,7 +280,7 @@ class SystemdUnitTests(TestCase):
         """With the drop-in's LISTEN, a real twistd started by
         ``systemd-socket-activate`` (an inherited, already bound socket, as
         systemd hands over) serves through the cache: MISS, then HIT."""
-        return _as_deferred(self._socket_activated())
+        return run(self._socket_activated())
 
     async def _socket_activated(self) -> None:
         _need("systemd-socket-activate", "curl")
@@ -394,7 +390,7 @@ class OpenRCTests(TestCase):
             self.assertTrue(_read(self.init).startswith("#!/sbin/openrc-run\n"))
             self.assertTrue(os.access(self.init, os.X_OK))
 
-        return _as_deferred(check())
+        return run(check())
 
     def test_shellcheck(self) -> defer.Deferred[None]:
         """shellcheck finds nothing (SC2034, variables only openrc-run reads,
@@ -405,7 +401,7 @@ class OpenRCTests(TestCase):
             await _ok(["shellcheck", "-s", "sh", "-e", "SC2034", self.init])
             await _ok(["shellcheck", "-s", "sh", self.conf])
 
-        return _as_deferred(check())
+        return run(check())
 
     async def _evaluate(self, settings: str = "") -> tuple[dict[str, str], list[str]]:
         """Run the harness with ``settings`` appended to conf.d."""
@@ -445,7 +441,7 @@ class OpenRCTests(TestCase):
             config = parse_proxy_args(self, proxy).proxy_config
             self.assertEqual(config.listen, ("tcp:3128",))
 
-        return _as_deferred(check())
+        return run(check())
 
     def test_knobs(self) -> defer.Deferred[None]:
         """CACHINGPROXY_USER/GROUP, CACHE_DIR, LISTEN (several endpoints),
@@ -468,7 +464,7 @@ class OpenRCTests(TestCase):
             self.assertEqual(config.listen, ("tcp:80", "tcp:port=3129"))
             self.assertEqual(config.max_size, 1024**3)
 
-        return _as_deferred(check())
+        return run(check())
 
     def test_conf_d_shows_the_defaults(self) -> None:
         """Every ``#VAR="value"`` first shown in conf.d is the init script's
@@ -546,7 +542,7 @@ class NftablesTests(TestCase):
             if shutil.which("shellcheck"):
                 await _ok(["shellcheck", "-s", "sh", self.mirrors])
 
-        return _as_deferred(check())
+        return run(check())
 
     def test_check_load_and_variants(self) -> defer.Deferred[None]:
         """``nft -c -f`` accepts the file; loaded twice it leaves one table
@@ -554,7 +550,7 @@ class NftablesTests(TestCase):
         returned before any redirect; transparent-mirrors.sh then narrows the
         sets to exactly the listed hosts' addresses (all of a name's several
         addresses, both families), and an unresolvable name changes nothing."""
-        return _as_deferred(self._check_load_and_variants())
+        return run(self._check_load_and_variants())
 
     async def _check_load_and_variants(self) -> None:
         _need("nft")
@@ -618,14 +614,14 @@ class IptablesTests(TestCase):
             if shutil.which("shellcheck"):
                 await _ok(["shellcheck", "-s", "sh", self.script])
 
-        return _as_deferred(check())
+        return run(check())
 
     def test_variants(self) -> defer.Deferred[None]:
         """``all`` redirects every LAN port-80 connection and the router's own
         except the proxy user's; ``mirrors`` only the listed hosts' addresses
         (IPv4 and IPv6); running it again replaces the rules rather than adding
         to them; ``stop`` removes everything it added."""
-        return _as_deferred(self._variants())
+        return run(self._variants())
 
     async def _variants(self) -> None:
         _need("iptables", "iptables-save")
@@ -704,7 +700,7 @@ class ClientSnippetTests(TestCase):
             )
             self.assertIn('Acquire::https::Proxy "DIRECT";', dump)
 
-        return _as_deferred(check())
+        return run(check())
 
     def test_portage(self) -> defer.Deferred[None]:
         """make.conf parses as bash (Portage sources it) and sets an http://
@@ -726,7 +722,7 @@ class ClientSnippetTests(TestCase):
             self.assertTrue(mirrors.startswith("http://"), mirrors)
             self.assertEqual(proxy, "http://cache.example.net:3128")
 
-        return _as_deferred(check())
+        return run(check())
 
     def test_pip(self) -> None:
         """pip.conf is INI with an index on the proxy and that host trusted

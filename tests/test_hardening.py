@@ -31,6 +31,7 @@ from .support import (
     RawClient,
     raw_connect,
     raw_exchange,
+    run,
     start_origin,
     start_proxy,
     start_proxy_with,
@@ -38,10 +39,6 @@ from .support import (
     wait_for,
 )
 from .test_auth import LogCapture
-
-
-def run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 def status_of(raw: bytes) -> int:

@@ -30,16 +30,13 @@ from .support import (
     header,
     parse_raw_response,
     raw_exchange,
+    run,
     start_origin,
     start_proxy_with,
 )
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 PRIVATE_10 = ipaddress.ip_network("10.0.0.0/8")
-
-
-def run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 async def forward(test: TestCase, proxy_port: int, url: str) -> tuple[int, bytes]:

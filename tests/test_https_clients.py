@@ -38,6 +38,7 @@ from .support import (
     checkout_env,
     client_env,
     free_port,
+    run,
     run_process,
     start_proxy,
     stored,
@@ -50,10 +51,6 @@ MiB = 1024 * 1024
 _DONE = Failure(ConnectionDone())
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 """Variables requests reads for a CA bundle in place of pip's ``--cert``."""
-
-
-def run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 def x_cache(curl_output: str) -> list[str]:

@@ -11,13 +11,9 @@ from twisted.web.client import ResponseFailed
 
 from cachingproxy.config import Mirror
 
-from .support import client, fetch, header, start_origin, start_proxy
+from .support import client, fetch, header, run, start_origin, start_proxy
 
 WHEEL = b"PK\x03\x04 a wheel body " * 500
-
-
-def run(coro: object) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coro)  # type: ignore[arg-type]
 
 
 def simple_page(base: str, name: str, wheel: bytes, digest: str | None = None) -> bytes:

@@ -43,6 +43,7 @@ from .support import (
     fetch,
     free_port,
     header,
+    run,
     run_process,
     start_origin,
     start_proxy,
@@ -63,10 +64,6 @@ def snippet(name: str, address: str) -> str:
     if EXAMPLE not in text:
         raise AssertionError(f"{name} does not mention {EXAMPLE}")
     return text.replace(EXAMPLE, address)
-
-
-def _run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 def _sha256(data: bytes) -> str:
@@ -267,7 +264,7 @@ class PypiServerTests(TestCase):
         each wheel is one MISS); with pypiserver stopped, a second install
         into a fresh directory with no pip cache succeeds from the cache
         alone (index pages and wheels are HITs)."""
-        return _run(self._pypiserver())
+        return run(self._pypiserver())
 
     async def _pypiserver(self) -> None:
         wheels = _demo_wheels()
@@ -413,7 +410,7 @@ class PipIndexFormatTests(TestCase):
         client asking for HTML then gets the HTML variant: the two are
         kept apart.  pip reads PEP 658 metadata (``core-metadata``) through
         the mirror too."""
-        return _run(self._json())
+        return run(self._json())
 
     async def _json(self) -> None:
         wheels = _demo_wheels()
@@ -471,7 +468,7 @@ class PipIndexFormatTests(TestCase):
         ``Accept`` with HTML; through the mirror pip installs from it all the
         same, every wheel and its PEP 658 metadata (``data-core-metadata``)
         through the proxy."""
-        return _run(self._html_only())
+        return run(self._html_only())
 
     async def _html_only(self) -> None:
         wheels = _demo_wheels()
@@ -656,7 +653,7 @@ class NpmTests(TestCase):
         integrity check passes; each tarball is one MISS); with the registry
         stopped a second install with fresh node_modules and a fresh npm
         cache succeeds from the cache alone."""
-        return _run(self._npm())
+        return run(self._npm())
 
     async def _npm(self) -> None:
         server, base, service, pport, log = await self.registry()
@@ -691,7 +688,7 @@ class NpmTests(TestCase):
         """``etc/clients/mirror/npmrc``, with the proxy's address filled in,
         is all npm needs: an install with no ``--registry`` goes through the
         mirror."""
-        return _run(self._shipped_npmrc())
+        return run(self._shipped_npmrc())
 
     async def _shipped_npmrc(self) -> None:
         server, base, _, pport, log = await self.registry()
@@ -777,7 +774,7 @@ class SeveralUpstreamsTests(TestCase):
         second, pip's install comes from the third: the page and the wheel
         both fall back (the wheel's link is made local, so the wheel falls
         back too), and ``X-Cache-Upstream`` names the third."""
-        return _run(self._fallback())
+        return run(self._fallback())
 
     async def _fallback(self) -> None:
         wheels = _demo_wheels()
@@ -807,7 +804,7 @@ class SeveralUpstreamsTests(TestCase):
         the public one a higher corp-lib 2.0; pip installs the private 1.0
         and the public index is never asked for corp-lib.  A project only
         the public index has still installs (404 at the private one)."""
-        return _run(self._private_wins())
+        return run(self._private_wins())
 
     async def _private_wins(self) -> None:
         private, pvport = start_origin(self)
@@ -839,7 +836,7 @@ class SeveralUpstreamsTests(TestCase):
         upstream, so pip sees corp-lib 1.0 (private) and 2.0 (public) and
         installs the newest, 2.0, from the second upstream through the
         mirror; the merged page leads only into the mirror."""
-        return _run(self._merge())
+        return run(self._merge())
 
     async def _merge(self) -> None:
         private, pvport = start_origin(self)
@@ -881,7 +878,7 @@ class TamperedArtifactTests(TestCase):
         stores nothing (the store has no entry, so the origin is asked
         again each time) and its access log shows the cut: status 200,
         MISS, one byte fewer than the file."""
-        return _run(self._tampered())
+        return run(self._tampered())
 
     async def _tampered(self) -> None:
         # Big enough to arrive in many segments: curl reads the head and
@@ -975,7 +972,7 @@ class RewrittenDocumentTests(TestCase):
         contain no upstream host:port, every link leads under the mirror's
         prefix on the Host the client used, and Content-Length is right;
         the stored bodies stay as the upstream sent them."""
-        return _run(self._documents())
+        return run(self._documents())
 
     async def _documents(self) -> None:
         origin, oport = start_origin(self)
@@ -1021,7 +1018,7 @@ class RewrittenDocumentTests(TestCase):
         ``Location``, absolute or root-relative alike, so the client's next
         request also goes through the cache instead of straight upstream (or
         to the proxy's own pages)."""
-        return _run(self._redirect())
+        return run(self._redirect())
 
     async def _redirect(self) -> None:
         origin, oport = start_origin(self)
@@ -1053,7 +1050,7 @@ class ClientSnippetTests(TestCase):
     def test_shipped_pip_conf(self) -> defer.Deferred[None]:
         """``pip.conf``, with the proxy's address filled in, is all pip
         needs: an install with no ``--index-url`` goes through the mirror."""
-        return _run(self._pip_conf())
+        return run(self._pip_conf())
 
     async def _pip_conf(self) -> None:
         wheels = _demo_wheels()
@@ -1122,7 +1119,7 @@ class TwistdMirrorTests(TestCase):
         download`` through a real twistd process gets demo-app and demo-lib
         from the local index (each wheel fetched once, via the proxy), and
         the wheel then is a HIT naming the local upstream."""
-        return _run(self._twistd())
+        return run(self._twistd())
 
     async def _twistd(self) -> None:
         wheels = _demo_wheels()

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import sys
-from typing import Any
 
 from twisted.internet import defer
 from twisted.trial.unittest import SkipTest, TestCase
@@ -33,6 +32,7 @@ from .support import (
     etc_path,
     make_netns,
     no_proxy_env,
+    run,
     run_process,
     with_defines,
 )
@@ -44,10 +44,6 @@ PACKAGE = "/pkg-1.0.tar.gz"
 OTHER = "/other-2.0.tar.gz"
 
 _ORIGIN_LOG = re.compile(r'^(\S+) - - \[[^\]]*\] "GET (\S+) HTTP/1\.[01]"', re.M)
-
-
-def _as_deferred(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 def _read(path: str) -> bytes:
@@ -239,7 +235,7 @@ class TransparentInterceptionTests(TestCase):
         (made by the proxy, from the router's address); an HTTP/1.0 request
         without Host reaches its original destination (SO_ORIGINAL_DST); and
         with the origin's server stopped, both files are still served."""
-        return _as_deferred(self._nftables_all())
+        return run(self._nftables_all())
 
     async def _nftables_all(self) -> None:
         topology = await _topology(self)
@@ -285,7 +281,7 @@ class TransparentInterceptionTests(TestCase):
         that host's address are cached (MISS, then HIT, one origin request from
         the router), while the origin's other address is not intercepted and
         is reached directly, forwarded by the router from the client."""
-        return _as_deferred(self._iptables_mirrors())
+        return run(self._iptables_mirrors())
 
     async def _iptables_mirrors(self) -> None:
         if shutil.which("iptables") is None:

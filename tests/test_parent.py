@@ -8,15 +8,11 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from .support import client, fetch, header, start_origin, start_proxy
+from .support import client, fetch, header, run, start_origin, start_proxy
 from .test_tls import Authority, HTTPSOrigin
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 BODY = b"a wheel " * 2048
-
-
-def run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 class ParentProxyTests(TestCase):

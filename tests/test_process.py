@@ -24,6 +24,7 @@ from .support import (
     checkout_env,
     free_port,
     pause,
+    run,
     run_process,
     start_origin,
 )
@@ -46,10 +47,6 @@ SPEC_OPTIONS = (
     "--config",
 )
 """Options SPEC section 1 names that ``--help`` must list."""
-
-
-def _as_deferred(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 class Twistd(ChildServer):
@@ -149,7 +146,7 @@ class TwistdCachingTests(TestCase):
     def test_miss_then_hit(self) -> defer.Deferred[None]:
         """Through ``twistd cachingproxy``, curl gets X-Cache MISS then HIT with the
         origin's exact bytes, and the origin sees one request."""
-        return _as_deferred(self._miss_then_hit())
+        return run(self._miss_then_hit())
 
     async def _miss_then_hit(self) -> None:
         origin, oport = start_origin(self)
@@ -177,7 +174,7 @@ class TwistdCachingTests(TestCase):
         One process (``--workers 1``): under a supervisor, SIGKILL of the
         supervisor lets its workers stop cleanly (test_workers covers that
         and the SIGKILL of a worker)."""
-        return _as_deferred(self._kill_9())
+        return run(self._kill_9())
 
     async def _kill_9(self) -> None:
         origin, oport = start_origin(self)
@@ -249,7 +246,7 @@ class TwistdCachingTests(TestCase):
     def test_access_log(self) -> defer.Deferred[None]:
         """--access-log FILE gets one line per request with, in SPEC 9 order,
         method, URL, status, bytes and the cache status (MISS, then HIT)."""
-        return _as_deferred(self._access_log())
+        return run(self._access_log())
 
     async def _access_log(self) -> None:
         origin, oport = start_origin(self)
@@ -291,7 +288,7 @@ class TwistdCommandLineTests(TestCase):
 
     def test_help_lists_spec_options(self) -> defer.Deferred[None]:
         """``twistd cachingproxy --help`` exits 0 and lists every option SPEC 1 names."""
-        return _as_deferred(self._help())
+        return run(self._help())
 
     async def _help(self) -> None:
         result = await self._twistd("--help")
@@ -303,7 +300,7 @@ class TwistdCommandLineTests(TestCase):
     def test_bad_values(self) -> defer.Deferred[None]:
         """A bad option value stops start-up: non-zero exit, an error line naming
         the option, no traceback, and nothing listening."""
-        return _as_deferred(self._bad_values())
+        return run(self._bad_values())
 
     async def _bad_values(self) -> None:
         port = free_port()
@@ -328,7 +325,7 @@ class TwistdCommandLineTests(TestCase):
     def test_port_in_use(self) -> defer.Deferred[None]:
         """``--listen`` on a port already in use exits non-zero (in bounded time)
         with an error naming --listen and no traceback."""
-        return _as_deferred(self._port_in_use())
+        return run(self._port_in_use())
 
     async def _port_in_use(self) -> None:
         factory: Any = ServerFactory.forProtocol(Protocol)

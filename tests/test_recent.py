@@ -4,8 +4,6 @@ changes the index."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IReactorThreads
 from twisted.trial import unittest
@@ -13,13 +11,10 @@ from twisted.trial import unittest
 from cachingproxy.cache.entry import StoredResponse
 from cachingproxy.cache.store import DiskStore
 
+from .support import run
 from .test_store import URL, make_entry
 
 REACTOR = IReactorThreads(reactor)
-
-
-def run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 class RecentLookupTests(unittest.TestCase):

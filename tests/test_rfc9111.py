@@ -9,14 +9,12 @@ proxy; the timeout tests drive ``Upstream`` on a MemoryReactorClock.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -42,14 +40,6 @@ from .support import (
 )
 
 
-def run(f: Callable[..., Awaitable[None]]) -> Callable[..., defer.Deferred[None]]:
-    @functools.wraps(f)
-    def wrapper(self: TestCase) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(f(self))  # type: ignore[arg-type]
-
-    return wrapper
-
-
 def _cacheable(body: bytes, *extra: tuple[str, str]) -> Callable[[Request], bytes]:
     """An origin handler: ``body``, fresh for an hour, plus ``extra`` headers
     (a Cache-Control among them replaces the hour)."""
@@ -67,7 +57,6 @@ def _cacheable(body: bytes, *extra: tuple[str, str]) -> Callable[[Request], byte
 class InvalidationTests(TestCase):
     """RFC 9111 4.4, SPEC 3: a successful unsafe method invalidates."""
 
-    @run
     async def test_post_invalidates_url_location_and_content_location(self) -> None:
         """After a 201 to a POST, the target URL and the same-host Location
         and Content-Location are fetched again; another host's URL named in
@@ -151,7 +140,6 @@ class InvalidationTests(TestCase):
 
 
 class AgeTests(TestCase):
-    @run
     async def test_upstream_age_carried_on_a_miss(self) -> None:
         """The origin's Age: 7200 reaches the client on the MISS, and the HIT
         that follows is at least as old (SPEC 5)."""
@@ -260,7 +248,6 @@ class HTTPDateTests(SynchronousTestCase):
 
 
 class ExpiresTests(TestCase):
-    @run
     async def test_invalid_expires_not_served_from_cache(self) -> None:
         """A response whose Expires is a two-digit-year date far in the
         future is not reused (before: a HIT for 24 years)."""
@@ -285,7 +272,6 @@ class ExpiresTests(TestCase):
 
 
 class Relayed5xxTests(TestCase):
-    @run
     async def test_origin_5xx_body_and_headers_reach_the_client(self) -> None:
         """No stale copy, no other upstream: the registry's JSON error and
         its headers come through, with its status."""
@@ -387,7 +373,6 @@ class ReadTimeoutTests(SynchronousTestCase):
 
 
 class HeadMissTests(TestCase):
-    @run
     async def test_head_on_a_miss_carries_the_origin_length(self) -> None:
         origin, oport = start_origin(self)
         origin.static("/big.tar.gz", b"z" * 123_456)
@@ -400,7 +385,6 @@ class HeadMissTests(TestCase):
 
 
 class LocalMethodTests(TestCase):
-    @run
     async def test_trace_refused_and_max_forwards_zero_answered(self) -> None:
         """TRACE is refused with 405 without reaching the origin; OPTIONS
         with Max-Forwards: 0 is answered by the proxy; with Max-Forwards: 3
@@ -423,7 +407,6 @@ class LocalMethodTests(TestCase):
 
 
 class OnlyIfCachedTests(TestCase):
-    @run
     async def test_only_if_cached_miss_is_504(self) -> None:
         origin, oport = start_origin(self)
         origin.static("/a-1.0.tar.gz", b"a" * 100)
@@ -448,7 +431,6 @@ class TrailingDotTests(TestCase):
             "http://files.example.org/a",
         )
 
-    @run
     async def test_one_entry_for_both_spellings(self) -> None:
         """``files.test.`` and ``files.test`` are one host: the second is a
         HIT (names resolve through a fake resolver: no DNS)."""

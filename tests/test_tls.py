@@ -33,6 +33,7 @@ from .support import (
     header,
     parse_raw_response,
     raw_exchange,
+    run,
     start_proxy_with,
     stored,
 )
@@ -168,10 +169,6 @@ class HTTPSOrigin:
         """Serve a different certificate from the next connection on."""
         self.context.options = options
         await self.site.close_all()
-
-
-def run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 class UpstreamTLSTests(TestCase):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
@@ -19,14 +18,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool, ProxyAgent
 
-from .support import fetch, pause, start_origin, wait_for
+from .support import fetch, pause, run, start_origin, wait_for
 from .test_process import Twistd
 
 WORKER_MODULE = b"cachingproxy.workers.worker"
-
-
-def _run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 def worker_pids(supervisor: int) -> set[int]:
@@ -95,7 +90,7 @@ class ProcessModelTests(TestCase):
     def test_two_workers_share_the_socket(self) -> defer.Deferred[None]:
         """Two worker processes run under the process twistd started, and
         requests over many connections are answered with the origin's bytes."""
-        return _run(self._share())
+        return run(self._share())
 
     async def _share(self) -> None:
         origin, oport = start_origin(self)
@@ -111,7 +106,7 @@ class ProcessModelTests(TestCase):
     def test_dead_worker_is_replaced(self) -> defer.Deferred[None]:
         """kill -9 of a worker: another one is started, the supervisor keeps
         its pid, and the proxy keeps answering."""
-        return _run(self._replaced())
+        return run(self._replaced())
 
     async def _replaced(self) -> None:
         origin, oport = start_origin(self)
@@ -136,7 +131,7 @@ class ProcessModelTests(TestCase):
 
     def test_sigterm_stops_every_worker(self) -> defer.Deferred[None]:
         """SIGTERM to the supervisor ends it and its workers; the port is free."""
-        return _run(self._sigterm())
+        return run(self._sigterm())
 
     async def _sigterm(self) -> None:
         proxy = await start(self)
@@ -157,7 +152,7 @@ class ProcessModelTests(TestCase):
         """SIGKILL of the supervisor: its workers exit on their own (SPEC 11
         says within 5 s; the bound here only keeps the test from hanging)
         and the port can be bound again."""
-        return _run(self._sigkill())
+        return run(self._sigkill())
 
     async def _sigkill(self) -> None:
         proxy = await start(self)
@@ -172,7 +167,7 @@ class ProcessModelTests(TestCase):
         """logrotate: after a rename and SIGHUP to the supervisor, requests
         answered by either worker are logged to a new file at the old path;
         nothing more goes to the renamed file."""
-        return _run(self._sighup())
+        return run(self._sighup())
 
     async def _sighup(self) -> None:
         origin, oport = start_origin(self)

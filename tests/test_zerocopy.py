@@ -24,6 +24,7 @@ from .support import (
     parse_raw_response,
     pause,
     raw_connect,
+    run,
     run_process,
     start_origin,
     start_proxy,
@@ -34,10 +35,6 @@ from .test_tls import Authority, HTTPSOrigin
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 PATH = "/big-1.0-py3-none-any.whl"
-
-
-def run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 def body_of(size: int) -> bytes:
