@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Coroutine
 from io import BytesIO
 from typing import Any
 
@@ -20,17 +19,6 @@ from cachingproxy.fleet.s3 import NoSuchKey, PreconditionFailed, S3Client, S3Err
 from tests.seaweed import shared_seaweed
 
 MiB = 1024 * 1024
-
-
-def _as_deferred(
-    f: Callable[..., Coroutine[Any, Any, None]],
-) -> Callable[..., defer.Deferred[None]]:
-    def run(self: Any) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(f(self))
-
-    run.__doc__ = f.__doc__
-    run.__name__ = f.__name__
-    return run
 
 
 class _Sha(Protocol):
@@ -78,7 +66,6 @@ class S3ClientTests(TestCase):
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(client.close()))
         return client, f"t{os.urandom(6).hex()}/"
 
-    @_as_deferred
     async def test_round_trip(self) -> None:
         """PUT with metadata, HEAD, GET whole and ranged, LIST, DELETE."""
         client, p = await self._client()
@@ -103,7 +90,6 @@ class S3ClientTests(TestCase):
             await client.get_bytes(p + "a/b c+d")
         await client.delete(p + "a/b c+d")  # deleting what is gone is fine
 
-    @_as_deferred
     async def test_conditional_put(self) -> None:
         """If-None-Match: * writes once; the second writer gets 412 and the
         first writer's bytes stay."""
@@ -114,7 +100,6 @@ class S3ClientTests(TestCase):
         self.assertEqual(caught.exception.status, 412)
         self.assertEqual(await client.get_bytes(p + "lease"), b"first")
 
-    @_as_deferred
     async def test_multipart_streams_from_source(self) -> None:
         """An object over the threshold goes up in parts read from the
         source one at a time; it reads back whole, ranged and streamed; a
@@ -141,7 +126,6 @@ class S3ClientTests(TestCase):
         with self.assertRaises(PreconditionFailed):
             await client.put(p + "big", _Source(path), len(data), if_none_match=True)
 
-    @_as_deferred
     async def test_unreachable(self) -> None:
         """A store that is not there: S3Error with status 0 after the retries."""
         from tests.support import free_port
