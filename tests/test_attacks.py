@@ -11,12 +11,10 @@ only ``lo`` (skipped where namespaces cannot be made).
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import ipaddress
 import os
 import subprocess
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -53,15 +51,6 @@ from .support import (
     wait_for,
 )
 
-
-def run(f: Callable[..., Awaitable[None]]) -> Callable[..., defer.Deferred[None]]:
-    @functools.wraps(f)
-    def wrapper(self: TestCase) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(f(self))  # type: ignore[arg-type]
-
-    return wrapper
-
-
 SHA_BOB = "{SHA}" + base64.b64encode(hashlib.sha1(b"builder").digest()).decode()
 
 
@@ -88,7 +77,6 @@ class HeadGateTests(TestCase):
         origin.route("/upload", upload)
         return origin, oport, bodies
 
-    @run
     async def test_client_outside_allow_client_refused_before_the_body(self) -> None:
         """A client outside --allow-client announcing 200 MiB gets 403 as soon
         as its head is in, without sending a body byte."""
@@ -101,7 +89,6 @@ class HeadGateTests(TestCase):
         self.assertIn(b"client not allowed", body)
         self.assertEqual(origin.count(), 0)
 
-    @run
     async def test_absurd_content_length_is_413(self) -> None:
         origin, oport, _ = self._origin()
         _, pport = start_proxy(self)
@@ -110,7 +97,6 @@ class HeadGateTests(TestCase):
         self.assertEqual(parse_raw_response(raw)[0], 413)
         self.assertEqual(origin.count(), 0)
 
-    @run
     async def test_chunked_body_past_the_limit_is_413(self) -> None:
         """A chunked body (no declared size) is cut off at the limit."""
         self.patch(channel_module, "MAX_REQUEST_BODY", 10_000)
@@ -126,7 +112,6 @@ class HeadGateTests(TestCase):
         self.assertEqual(parse_raw_response(raw)[0], 413)
         self.assertEqual(origin.count(), 0)
 
-    @run
     async def test_missing_or_wrong_credentials_refused_before_the_body(self) -> None:
         """With --proxy-auth, no credentials or a wrong password (bcrypt,
         checked in a thread) get 407 at the head; the right ones pass and
@@ -165,7 +150,6 @@ class HeadGateTests(TestCase):
             self.assertEqual(parse_raw_response(raw)[0], 200, user)
         self.assertEqual(bodies, [body, body])
 
-    @run
     async def test_method_must_be_a_token(self) -> None:
         """D11: a method name with other characters than RFC 9110 token
         characters is a 400 and never reaches the origin."""
@@ -224,7 +208,6 @@ class EmbeddedIPv4Tests(TestCase):
         )
         self.assertIsNone(allowing.refusal("64:ff9b::a00:1", 8080))
 
-    @run
     async def test_nat64_metadata_address_refused_before_connecting(self) -> None:
         """In process, with a reactor that records (and stops) every
         connection: 403, and no connection was even tried."""
@@ -300,7 +283,6 @@ class ClientGoneTests(TestCase):
     """D5: a client that hangs up while the proxy waits for the upstream
     head leaves no traceback (trial fails the test on a logged error)."""
 
-    @run
     async def test_hang_up_before_the_head(self) -> None:
         origin, oport = start_origin(self)
         gate: defer.Deferred[None] = defer.Deferred()
@@ -359,7 +341,6 @@ class BacklogTests(TestCase):
 class RelayedPurgeTests(TestCase):
     """D7: a purge that came through a proxy is not the local operator's."""
 
-    @run
     async def test_purge_through_another_proxy_refused(self) -> None:
         """A client that sends DELETE /cache through proxy A (allowed to
         reach 127.0.0.1) to proxy B on the same host cannot empty B: B sees

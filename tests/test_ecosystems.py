@@ -40,6 +40,7 @@ from .support import (
     client_env,
     no_proxy_env,
     pause,
+    run,
     run_process,
     start_origin,
     start_proxy,
@@ -52,10 +53,6 @@ from .test_mirror_clients import (
     pip_install,
     serve_index,
 )
-
-
-def _run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 def need(tool: str, how: str) -> str:
@@ -105,7 +102,7 @@ class GoTests(TestCase):
         download succeeds through ``/go/`` and writes go.sum; with the origin
         stopped and a fresh module cache, it succeeds again, checked against
         that go.sum, every ``.mod`` and ``.zip`` a HIT."""
-        return _run(self._go())
+        return run(self._go())
 
     async def _go(self) -> None:
         go = need("go", ".ci/run installs golang-go")
@@ -180,7 +177,7 @@ class CargoTests(TestCase):
         cache (each fetched from the origin once); with the origin stopped
         and a fresh ``CARGO_HOME``, ``cargo fetch`` succeeds again, the
         crates HITs."""
-        return _run(self._cargo())
+        return run(self._cargo())
 
     async def _cargo(self) -> None:
         cargo = need("cargo", ".ci/run installs cargo")
@@ -251,7 +248,7 @@ class AlpineTests(TestCase):
     def test_apk_fetches(self) -> defer.Deferred[None]:
         """curl gets the index and both packages through ``/alpine/``, byte
         for byte; with the origin stopped, again, the ``.apk`` files HITs."""
-        return _run(self._alpine())
+        return run(self._alpine())
 
     async def _alpine(self) -> None:
         curl = need("curl", ".ci/run installs curl")
@@ -291,7 +288,7 @@ class UvTests(TestCase):
         (the index's root-relative links made local, each wheel fetched once
         from the origin, via the proxy); with the origin stopped and a fresh
         uv cache, again, the wheels HITs and the same files installed."""
-        return _run(self._uv())
+        return run(self._uv())
 
     async def _uv(self) -> None:
         uv = need("uv", "pip install '.[test]' installs it")
@@ -357,7 +354,7 @@ class FreshReleaseTests(TestCase):
         upstream.  Without the refresh the cached page would not list 2.0 for
         an hour.  (That one interval allows one revalidation, however many
         clients ask, is pinned over a Clock in test_presets.)"""
-        return _run(self._fresh())
+        return run(self._fresh())
 
     async def _fresh(self) -> None:
         lib_1 = build_wheel("demo-lib", "1.0")
