@@ -23,15 +23,12 @@ from .support import (
     fetch,
     free_port,
     header,
+    run,
     start_origin,
     start_proxy,
 )
 
 TARBALL = b"\x1f\x8b a tarball " * 300
-
-
-def run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 def packument(base: str, versions: int, tarball: bytes = TARBALL) -> bytes:
