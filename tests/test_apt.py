@@ -311,7 +311,7 @@ class AptThroughProxyTests(TestCase):
         succeed; with the origin stopped and fresh apt lists and cache, again,
         the ``.deb`` and the by-hash index HITs and the Release file served
         from the cache within ``--index-ttl``."""
-        return _as_deferred(self._mirror())
+        return run(self._mirror())
 
     async def _mirror(self) -> None:
         from cachingproxy.mirror.mirrors import combine, parse_mirror
@@ -329,7 +329,7 @@ class AptThroughProxyTests(TestCase):
                 await port.stopListening()
                 await site.close_all()
 
-        self.addCleanup(lambda: _as_deferred(stop_origin()))
+        self.addCleanup(lambda: run(stop_origin()))
         base = f"http://127.0.0.1:{port.getHost().port}/"
         mirrors = combine([*parse_mirror("debian"), *parse_mirror(f"/debian/={base}")])
         self.assertIn("apt", {m.protocol for m in mirrors if m.prefix == "/debian/"})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
 
 from twisted.internet import defer
 from twisted.trial.unittest import SkipTest, TestCase
@@ -35,6 +34,7 @@ from .support import (
     no_proxy_env,
     pause,
     raw_exchange,
+    run,
     run_process,
     start_origin,
     start_proxy,
@@ -42,10 +42,6 @@ from .support import (
 )
 from .test_ecosystems import assert_ok, caches_since, mount, need
 from .test_mirror_clients import access_log
-
-
-def _run(coroutine: Any) -> defer.Deferred[None]:
-    return defer.Deferred.fromCoroutine(coroutine)
 
 
 def _etag(data: bytes) -> str:
@@ -84,7 +80,7 @@ class RubyGemsTests(TestCase):
         installs them into a bundle path; each ``.gem`` is fetched from the
         origin once.  With the origin stopped and fresh gem and Bundler
         homes, both succeed again, the ``.gem`` files HITs."""
-        return _run(self._ruby())
+        return run(self._ruby())
 
     async def _ruby(self) -> None:
         gem = need("gem", ".ci/run installs ruby")
@@ -202,7 +198,7 @@ class CompactIndexTests(TestCase):
         (revalidated on ``no-cache``): the 206 tail appended to the client's
         copy always gives the body whose MD5 the ETag names; an up-to-date
         copy's ETag gets 304."""
-        return _run(self._compact())
+        return run(self._compact())
 
     async def _compact(self) -> None:
         origin, oport = start_origin(self)
@@ -299,7 +295,7 @@ class MavenTests(TestCase):
         Maven Central here): the cold ``dependency:get`` into an empty local repository
         succeeds through the mirror; with the origin stopped and a fresh
         local repository, again, every ``.jar`` and ``.pom`` a HIT."""
-        return _run(self._maven())
+        return run(self._maven())
 
     async def _maven(self) -> None:
         mvn = need("mvn", ".ci/run installs maven")
