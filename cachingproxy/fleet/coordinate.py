@@ -89,6 +89,7 @@ class FleetUpstream:
     async def _get(self, raw_url: bytes, headers: Headers, mirrored: bool) -> IResponse:
         url = raw_url.decode("ascii")
         pairs = pairs_from_headers(headers)
+        seen = self._store.seen(url)
         announced = False
         while True:
             if not self._store.shared.available:
@@ -103,10 +104,8 @@ class FleetUpstream:
                     b"GET", raw_url, headers, mirrored=mirrored
                 )
             if isinstance(got, Lease):
-                # Only after waiting for another node is an object in the
-                # shared tier news: before, this node's lookup missed it or
-                # found it stale (and that is why it is asking upstream).
-                shared = await self._from_shared(url, pairs) if announced else None
+                # Another node may have stored it since this node looked.
+                shared = await self._from_shared(url, pairs, seen)
                 if shared is not None:
                     got.release()
                     return shared
@@ -125,7 +124,7 @@ class FleetUpstream:
                     url=url,
                     node=got.node,
                 )
-            shared = await self._from_shared(url, pairs)
+            shared = await self._from_shared(url, pairs, seen)
             if shared is not None:
                 return shared
             await task.deferLater(self._clock, POLL)
@@ -148,10 +147,14 @@ class FleetUpstream:
 
         return _Watched(response, over)
 
-    async def _from_shared(self, url: str, pairs: list[Any]) -> IResponse | None:
-        """The shared tier's object for this client, as a response."""
+    async def _from_shared(
+        self, url: str, pairs: list[Any], seen: float
+    ) -> IResponse | None:
+        """The shared tier's object for this client, as a response, if it was
+        stored after ``seen`` (what this node had when it decided to fetch:
+        the same entry again would be no answer)."""
         entry = policy.select_variant(await self._store.shared.lookup(url), pairs)
-        if entry is None or entry.status != 200:
+        if entry is None or entry.status != 200 or entry.stored_at <= seen:
             return None
         try:
             response = await self._store.shared.body(entry, 0, entry.size)

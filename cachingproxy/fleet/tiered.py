@@ -18,7 +18,8 @@ bucket second (SPEC 12).
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+import math
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,9 @@ _log = Logger()
 
 _DONE = Failure(ResponseDone())
 
+SEEN = 10_000
+"""URLs whose last lookup is remembered (:meth:`TieredStore.seen`)."""
+
 
 @implementer(ICacheStore)
 class TieredStore:
@@ -61,14 +65,26 @@ class TieredStore:
         self.uploads: dict[tuple[str, str], defer.Deferred[None]] = {}
         """Uploads in progress, by (url, variant)."""
         self._copying: set[tuple[str, str]] = set()
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        """The newest ``stored_at`` the last lookup of a URL returned."""
 
     # -- lookups and reads ---------------------------------------------------
 
     async def _lookup(self, url: str) -> list[StoredResponse]:
         found = await self.local.lookup(url)
-        if found:
-            return found
-        return await self.shared.lookup(url)
+        if not found:
+            found = await self.shared.lookup(url)
+        self._seen[url] = max((e.stored_at for e in found), default=-math.inf)
+        self._seen.move_to_end(url)
+        if len(self._seen) > SEEN:
+            self._seen.popitem(last=False)
+        return found
+
+    def seen(self, url: str) -> float:
+        """The newest ``stored_at`` among the entries the last lookup of
+        ``url`` returned (-inf: none): a shared object stored later is news
+        to whoever acted on that lookup."""
+        return self._seen.get(url, -math.inf)
 
     def lookup(self, url: str) -> defer.Deferred[list[StoredResponse]]:
         return defer.Deferred.fromCoroutine(self._lookup(url))
@@ -105,6 +121,7 @@ class TieredStore:
                 writer = None
         if writer is not None:
             self._copying.add(key)
+            self._writing[entry.url] += 1
         pipe = _Pipe(consumer, writer, end - start, entry.digest if copy else "")
         response.deliverBody(pipe)
         try:
@@ -115,25 +132,16 @@ class TieredStore:
 
     def _copied(
         self, entry: StoredResponse, writer: IBodyWriter, ok: object, key: Any
-    ) -> defer.Deferred[Any] | None:
+    ) -> defer.Deferred[Any]:
+        """The object was read: commit the copy if it checked out."""
         self._copying.discard(key)
+        d: defer.Deferred[Any]
         if ok is not True:
-            return writer.abort()
-        d = writer.commit(entry.replace(body_ref="", size=0, digest=""))
-
-        def check(stored: StoredResponse) -> None:
-            if stored.digest != entry.digest:
-                _log.error(
-                    "shared copy of {url} has sha256 {actual}, not {expected}; dropped",
-                    url=entry.url,
-                    actual=stored.digest,
-                    expected=entry.digest,
-                )
-                self.local.remove(stored.url, stored.variant)
-
-        d.addCallback(check)
-        d.addErrback(lambda f: _log.failure("copy of {url}", f, url=entry.url))
-        return d
+            d = writer.abort()
+        else:
+            d = writer.commit(entry.replace(body_ref="", size=0, digest=""))
+            d.addErrback(lambda f: _log.failure("copy of {url}", f, url=entry.url))
+        return d.addBoth(lambda _: self._closed(entry.url))
 
     # -- writes --------------------------------------------------------------
 

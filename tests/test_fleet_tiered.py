@@ -1,0 +1,139 @@
+"""The tiered store (local disk in front of a real SeaweedFS bucket) in
+process: uploads after commit (single and multipart), read-through copies
+checked against their digest, removals (SPEC 12)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from cachingproxy.cache.store import DiskStore
+from cachingproxy.fleet import layout
+from cachingproxy.fleet.health import Health
+from cachingproxy.fleet.s3 import S3Client
+from cachingproxy.fleet.shared import SharedTier
+from cachingproxy.fleet.tiered import TieredStore
+from tests.fleetnodes import BUCKET
+from tests.seaweed import shared_seaweed
+from tests.test_store import RecordingConsumer, make_entry
+
+MiB = 1024 * 1024
+URL = "https://files.example/packages/demo-1.0.tar.gz"
+
+
+class TieredStoreTests(TestCase):
+    timeout = 120
+
+    async def _node(self, prefix: str, **client: Any) -> TieredStore:
+        weed = shared_seaweed()
+        s3 = S3Client(reactor, BUCKET, weed.endpoint, **client)
+        await s3.create_bucket()
+        local = DiskStore.open(os.path.abspath(self.mktemp()), reactor)
+        where = layout.Location(BUCKET, prefix)
+        store = TieredStore(
+            local, SharedTier(s3, where, Health(reactor, str(where))), reactor
+        )
+        self.addCleanup(lambda: store.close())
+        return store
+
+    async def _put(self, store: TieredStore, body: bytes) -> Any:
+        writer = await store.open_writer(URL)
+        for i in range(0, len(body), 256 * 1024):
+            writer.write(body[i : i + 256 * 1024])
+        entry = await writer.commit(make_entry())
+        await store.settled(URL)
+        return entry
+
+    async def _read(self, store: TieredStore, entry: Any, **kw: Any) -> bytes:
+        consumer = RecordingConsumer(**kw)
+        with contextlib.suppress(Exception):
+            await store.read(entry, consumer)
+        return consumer.data
+
+    def test_upload_then_read_through(self) -> defer.Deferred[None]:
+        """A committed body goes up (multipart when large); another node finds
+        it, reads it from the bucket while copying it into its local tier, and
+        then reads its local copy."""
+        return defer.Deferred.fromCoroutine(self._through())
+
+    async def _through(self) -> None:
+        prefix = f"t{os.urandom(6).hex()}/"
+        small = dict(part_size=5 * MiB, multipart_threshold=6 * MiB)
+        one = await self._node(prefix, **small)
+        two = await self._node(prefix, **small)
+        body = os.urandom(13 * MiB)
+        stored = await self._put(one, body)
+        [found] = await two.lookup(URL)
+        self.assertIsNotNone(layout.parse_shared_ref(found.body_ref))
+        self.assertEqual((found.size, found.digest), (len(body), stored.digest))
+        self.assertEqual(found.headers, stored.headers)
+        self.assertEqual(found.stored_at, stored.stored_at)
+        got = await self._read(two, found)
+        self.assertEqual(hashlib.sha256(got).hexdigest(), stored.digest)
+
+        async def copied() -> bool:
+            entries = await two.local.lookup(URL)
+            return bool(entries) and entries[0].digest == stored.digest
+
+        await two.settled(URL)
+        self.assertTrue(await copied())
+        [local] = await two.lookup(URL)
+        self.assertIsNone(layout.parse_shared_ref(local.body_ref))
+        self.assertEqual(await self._read(two, local), body)
+
+    def test_copy_survives_the_client_leaving(self) -> defer.Deferred[None]:
+        """A client that stops reading a shared body early does not stop the
+        copy into the local tier."""
+        return defer.Deferred.fromCoroutine(self._leaving())
+
+    async def _leaving(self) -> None:
+        prefix = f"t{os.urandom(6).hex()}/"
+        one, two = await self._node(prefix), await self._node(prefix)
+        body = os.urandom(3 * MiB)
+        stored = await self._put(one, body)
+        [found] = await two.lookup(URL)
+        got = await self._read(two, found, stop_after=1)
+        self.assertLess(len(got), len(body))
+        await two.settled(URL)
+        [copy] = await two.local.lookup(URL)
+        self.assertEqual(copy.digest, stored.digest)
+
+    def test_corrupt_object_not_copied(self) -> defer.Deferred[None]:
+        """A shared object whose body does not match its published sha256 is
+        never copied into the local tier."""
+        return defer.Deferred.fromCoroutine(self._corrupt())
+
+    async def _corrupt(self) -> None:
+        prefix = f"t{os.urandom(6).hex()}/"
+        two = await self._node(prefix)
+        body = os.urandom(100_000)
+        entry = make_entry(size=len(body), digest="0" * 64)
+        key = layout.object_key(prefix, URL, "")
+        await two.shared.client.put(key, layout.encode_header(entry) + body)
+        [found] = await two.lookup(URL)
+        await self._read(two, found)
+        await two.settled(URL)  # the copy was aborted
+        self.assertEqual(await two.local.lookup(URL), [])
+
+    def test_remove(self) -> defer.Deferred[None]:
+        """Removing a URL removes the shared object and tells the fleet;
+        removing one variant (a body gone missing here) stays local."""
+        return defer.Deferred.fromCoroutine(self._remove())
+
+    async def _remove(self) -> None:
+        prefix = f"t{os.urandom(6).hex()}/"
+        one = await self._node(prefix)
+        told: list[dict[str, str]] = []
+        one.on_remove = told.append
+        await self._put(one, b"x" * 1000)
+        self.assertEqual(await one.remove(URL, ""), 1)
+        self.assertEqual(told, [])
+        self.assertEqual(len(await one.shared.lookup(URL)), 1)
+        self.assertEqual(await one.remove(URL), 1)
+        self.assertEqual(told, [{"url": URL}])
+        self.assertEqual(await one.shared.lookup(URL), [])
