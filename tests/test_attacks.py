@@ -21,8 +21,11 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.web.client import ResponseFailed
 from twisted.web.server import NOT_DONE_YET, Request
 
+from cachingproxy.cache.variants import MAX_VARIANTS, normalise
+from cachingproxy.config import Mirror
 from cachingproxy.fetch.destination import DestinationPolicy, embedded_ipv4
 from cachingproxy.front import channel as channel_module
 from cachingproxy.front.backlog import LISTEN_BACKLOG, with_backlog
@@ -37,6 +40,7 @@ from .support import (
     checkout_env,
     client,
     fetch,
+    header,
     own_page,
     parse_raw_response,
     pause,
@@ -417,3 +421,120 @@ class OptionErrorTests(SynchronousTestCase):
         self.assertLessEqual(len(lines), 3, lines)
         self.assertIn("--read-timeout", lines[-1])
         self.assertNotIn("--max-object-size", result.stdout + result.stderr)
+
+
+class VariantTests(TestCase):
+    """D2: variants per URL are capped, and equivalent values share one."""
+
+    @run
+    async def test_variants_capped(self) -> None:
+        """An origin that varies on a header any client sets: 40 distinct
+        values leave at most MAX_VARIANTS entries, the newest kept."""
+        origin, oport = start_origin(self)
+
+        def flavoured(request: Request) -> bytes:
+            request.setHeader(b"Vary", b"X-Flavour")
+            request.setHeader(b"Cache-Control", b"max-age=3600")
+            return b"flavour " + (request.getHeader(b"x-flavour") or b"")
+
+        origin.route("/v.json", flavoured)
+        service, pport = start_proxy(self)
+        http = client(self, pport)
+        url = f"http://127.0.0.1:{oport}/v.json"
+        for i in range(40):
+            r, body = await fetch(http, url, {"X-Flavour": f"f{i}"})
+            self.assertEqual(body, b"flavour f%d" % i)
+            await stored(service, url, min(i + 1, MAX_VARIANTS))
+        store = service.store
+        assert store is not None
+        entries = await store.lookup(url)
+        self.assertLessEqual(len(entries), MAX_VARIANTS)
+        r, body = await fetch(http, url, {"X-Flavour": "f39"})
+        self.assertEqual((header(r, "x-cache"), body), ("HIT", b"flavour f39"))
+
+    @run
+    async def test_equivalent_accept_encoding_shares_a_variant(self) -> None:
+        origin, oport = start_origin(self)
+        origin.static(
+            "/enc.js",
+            b"js" * 100,
+            headers=[("Vary", "Accept-Encoding"), ("Cache-Control", "max-age=3600")],
+        )
+        service, pport = start_proxy(self)
+        http = client(self, pport)
+        url = f"http://127.0.0.1:{oport}/enc.js"
+        await fetch(http, url, {"Accept-Encoding": "gzip, deflate, br"})
+        await stored(service, url)
+        for same in ("br,gzip,deflate", "GZIP;q=1.0, br, deflate, zstd;q=0"):
+            r, _ = await fetch(http, url, {"Accept-Encoding": same})
+            self.assertEqual(header(r, "x-cache"), "HIT", same)
+        r, _ = await fetch(http, url, {"Accept-Encoding": "identity"})
+        self.assertEqual(header(r, "x-cache"), "MISS")
+        await stored(service, url, 2)
+        self.assertEqual(origin.count(), 2)
+
+    def test_normalise(self) -> None:
+        self.assertEqual(
+            normalise("accept-encoding", "gzip, br;q=0.5, x;q=0"), "br,gzip"
+        )
+        self.assertEqual(
+            normalise("accept", "Text/HTML; q=0.1 , application/json"),
+            "text/html;q=0.1,application/json",
+        )
+        self.assertEqual(normalise("user-agent", "a   b"), "a b")
+        self.assertEqual(normalise("accept", None), "")
+
+
+class MirrorDigestTests(TestCase):
+    """D8: a file stored through the forward path is checked against the
+    digest an index published before the mirror serves it."""
+
+    @run
+    async def test_forward_stored_tampered_file_not_served_by_the_mirror(self) -> None:
+        from .test_mirror import WHEEL, simple_page
+
+        origin, oport = start_origin(self)
+        base = f"http://127.0.0.1:{oport}/"
+        origin.static(
+            "/simple/demo/",
+            simple_page(base, "demo", WHEEL),
+            headers=[("Content-Type", "text/html")],
+        )
+        tampered = WHEEL[:-1] + b"X"
+        origin.static("/packages/demo-1.0-py3-none-any.whl", tampered)
+        service, pport = start_proxy(self, mirrors=(Mirror("/pypi/", (base,)),))
+        key = f"{base}packages/demo-1.0-py3-none-any.whl"
+        _, body = await fetch(client(self, pport), key)  # the forward path
+        self.assertEqual(body, tampered)
+        await stored(service, key)
+        http = client(self)
+        local = f"http://127.0.0.1:{pport}"
+        await fetch(http, f"{local}/pypi/simple/demo/")
+        with self.assertRaises(ResponseFailed):
+            await fetch(http, f"{local}/pypi/packages/demo-1.0-py3-none-any.whl")
+        assert service.store is not None
+        self.assertEqual(await service.store.lookup(key), [])
+        self.flushLoggedErrors()
+
+    @run
+    async def test_forward_stored_good_file_is_a_hit(self) -> None:
+        from .test_mirror import WHEEL, simple_page
+
+        origin, oport = start_origin(self)
+        base = f"http://127.0.0.1:{oport}/"
+        origin.static(
+            "/simple/demo/",
+            simple_page(base, "demo", WHEEL),
+            headers=[("Content-Type", "text/html")],
+        )
+        origin.static("/packages/demo-1.0-py3-none-any.whl", WHEEL)
+        service, pport = start_proxy(self, mirrors=(Mirror("/pypi/", (base,)),))
+        key = f"{base}packages/demo-1.0-py3-none-any.whl"
+        await fetch(client(self, pport), key)
+        await stored(service, key)
+        http = client(self)
+        local = f"http://127.0.0.1:{pport}"
+        await fetch(http, f"{local}/pypi/simple/demo/")
+        r, body = await fetch(http, f"{local}/pypi/packages/demo-1.0-py3-none-any.whl")
+        self.assertEqual((header(r, "x-cache"), body), ("HIT", WHEEL))
+        self.assertEqual(origin.count("/packages/demo-1.0-py3-none-any.whl"), 1)

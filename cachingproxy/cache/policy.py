@@ -17,6 +17,7 @@ from attrs import frozen
 from cachingproxy.cache import headers as H
 from cachingproxy.cache.age import current_age, parse_age
 from cachingproxy.cache.entry import Header, StoredResponse
+from cachingproxy.cache.variants import normalise
 from cachingproxy.config import FOREVER, Rule
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -125,12 +126,7 @@ def variant_of(vary: Sequence[str], request_headers: Iterable[Header]) -> str:
     if not vary:
         return ""
     items = list(request_headers)
-    parts = []
-    for name in vary:
-        value = H.get(items, name)
-        norm = "" if value is None else " ".join(value.split())
-        parts.append(f"{name}={norm}")
-    return "\n".join(parts)
+    return "\n".join(f"{name}={normalise(name, H.get(items, name))}" for name in vary)
 
 
 def select_variant(
@@ -138,11 +134,13 @@ def select_variant(
 ) -> StoredResponse | None:
     """The newest stored variant that matches the request, if any."""
     items = list(request_headers)
+    keys: dict[tuple[str, ...], str] = {}  # the request's key, once per Vary
     best: StoredResponse | None = None
     for entry in entries:
-        if variant_of(entry.vary, items) == entry.variant and (
-            best is None or entry.stored_at > best.stored_at
-        ):
+        key = keys.get(entry.vary)
+        if key is None:
+            key = keys[entry.vary] = variant_of(entry.vary, items)
+        if key == entry.variant and (best is None or entry.stored_at > best.stored_at):
             best = entry
     return best
 

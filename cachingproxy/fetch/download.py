@@ -25,7 +25,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from cachingproxy.cache import headers as H
-from cachingproxy.cache import policy
+from cachingproxy.cache import policy, variants
 from cachingproxy.cache.age import corrected_age
 from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.pump import CHUNK_SIZE, Pump
@@ -463,10 +463,13 @@ class Download:
         )
         d = self._writer.commit(entry)
 
-        def committed(stored: StoredResponse) -> None:
+        def committed(stored: StoredResponse) -> defer.Deferred[None] | None:
             self.entry = stored
             if self.purged:
                 self._drop_entry(stored)
+                return None
+            trimmed = variants.trim(self._store, stored)  # at most MAX_VARIANTS
+            return trimmed.addCallback(lambda _: None)
 
         def not_committed(failure: Failure) -> None:
             _log.failure("could not store {url}", failure, url=self.url)

@@ -26,6 +26,7 @@ from cachingproxy.handler.plan import (
     ServeEntry,
 )
 from cachingproxy.interfaces import ICacheStore, IUpstream
+from cachingproxy.mirror import verify
 from cachingproxy.mirror.mirrors import Target
 from cachingproxy.mirror.rewrite import Digest
 from cachingproxy.ops.stats import Stats
@@ -98,6 +99,7 @@ class CachedPath:
         copy (documents fetched to be merged)."""
         config = self._config
         entry = policy.select_variant(await self._store.lookup(url), client_headers)
+        entry = await verify.checked(self._store, entry, expected)  # D8
         now = self._clock.seconds()
         if entry is not None:
             fresh = policy.is_fresh(
