@@ -8,10 +8,12 @@ until the shared state under ``CACHE/run`` shows it, bounded.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 
+from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -196,3 +198,63 @@ def _lines(path: str) -> list[str]:
         return []
     with open(path, encoding="utf-8") as f:
         return f.read().splitlines()
+
+
+class SharedFiguresTests(TestCase):
+    """``/status.json``, ``/metrics`` and the access log are totals."""
+
+    def test_totals_over_many_connections(self) -> defer.Deferred[None]:
+        """30 requests, each on its own connection (so both workers answer
+        some): whichever worker answers, /status.json and /metrics count all
+        30 with their bytes, and the access log has 30 whole lines."""
+        return _run(self._totals())
+
+    async def _totals(self) -> None:
+        origin, oport = start_origin(self)
+        body = os.urandom(7000)
+        origin.static("/t-1.0.whl", body)
+        log = os.path.abspath(self.mktemp())
+        proxy = await start(self, "--access-log", log)
+        http = fresh_client(self, proxy.port)
+        url = f"http://127.0.0.1:{oport}/t-1.0.whl"
+        for _ in range(30):
+            _response, got = await fetch(http, url)
+            self.assertEqual(got, body)
+        await wait_for(lambda: len(_lines(log)) >= 30)
+        lines = _lines(log)
+        self.assertEqual(len(lines), 30)
+        for line in lines:
+            fields = line.split(" ")
+            self.assertEqual(len(fields), 9, line)
+            self.assertEqual(fields[3:6], [url, "200", str(len(body))])
+        misses = sum(line.split(" ")[7] == "MISS" for line in lines)
+        self.assertEqual(misses, 1)
+        self.assertEqual(origin.count("/t-1.0.whl"), 1)
+        for _ in range(6):  # several connections: several workers answer
+            _, raw = await fetch(http, f"http://127.0.0.1:{proxy.port}/status.json")
+            status = json.loads(raw)
+            self.assertEqual(status["requests"], 30)
+            self.assertEqual((status["hits"], status["misses"]), (29, 1))
+            self.assertEqual(status["bytes_served"], 30 * len(body))
+            self.assertEqual(status["bytes_from_cache"], 29 * len(body))
+            self.assertEqual(status["bytes_from_upstream"], len(body))
+            _, raw = await fetch(http, f"http://127.0.0.1:{proxy.port}/metrics")
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(raw.decode())
+                for s in family.samples
+            }
+            self.assertEqual(
+                samples[("cachingproxy_requests_total", (("cache", "HIT"),))], 29
+            )
+            self.assertEqual(
+                samples[("cachingproxy_requests_total", (("cache", "MISS"),))], 1
+            )
+            self.assertEqual(
+                samples[("cachingproxy_bytes_total", (("source", "upstream"),))],
+                len(body),
+            )
+            self.assertEqual(
+                samples[("cachingproxy_response_seconds_count", (("cache", "HIT"),))],
+                29,
+            )

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from cachingproxy.cache.store import DiskStore
 from cachingproxy.config import ProxyConfig
 from cachingproxy.interfaces import ICacheStore
+from cachingproxy.ops.stats import Stats
 from cachingproxy.service import ProxyService
 from cachingproxy.workers import lifeline
 from cachingproxy.workers.sockets import AdoptedEndpoint, Bound
@@ -60,6 +61,19 @@ class WorkerService(ProxyService):
             fd = next(v for (_, d), v in self._fds.items() if d == description)
         return AdoptedEndpoint(
             self.reactor, description, fd, self._families[description]
+        )
+
+    def make_stats(self) -> Stats | None:
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not directory or self.store is None:
+            return None
+        from cachingproxy.workers.sharedstats import SharedStats
+
+        return SharedStats(
+            self.reactor,
+            usage=self.store.usage,
+            in_flight=lambda: self.proxy.downloads.all() if self.proxy else [],
+            directory=directory,
         )
 
     def open_store(self) -> ICacheStore:

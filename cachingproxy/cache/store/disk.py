@@ -305,8 +305,12 @@ class DiskStore:
         """Commit ``entry``'s row (evicting if needed), then drop replaced bodies."""
         self._recent.forget(entry.url)
         victims: list[Candidate] = []
-        over = self.max_size is not None and self._bytes + entry.size > self.max_size
         with self._index.transaction():
+            if self._index.data_version() != self._data_version:
+                self._reread_totals()  # another process (worker) committed
+            over = self.max_size is not None and (
+                self._bytes + entry.size > self.max_size
+            )
             if over:
                 victims = self._choose_victims(entry)
             old = self._index.insert(entry, self._clock.seconds())
