@@ -264,8 +264,7 @@ class Proxy:
     def purge_url(self, url: str) -> defer.Deferred[int]:
         """Drop every variant of ``url``, including one being downloaded,
         and the rewritten forms of a mirrored document (keyed ``url#…``)."""
-        for download in self.downloads.matching(lambda u: u == url):
-            download.purge()
+        self.downloads.purge(lambda u: u == url)
         return defer.Deferred.fromCoroutine(self._purge_url(url))
 
     async def _purge_url(self, url: str) -> int:
@@ -275,8 +274,7 @@ class Proxy:
 
     def purge_prefix(self, prefix: str) -> defer.Deferred[int]:
         """Drop every entry whose URL starts with ``prefix``."""
-        for download in self.downloads.matching(lambda u: u.startswith(prefix)):
-            download.purge()
+        self.downloads.purge(lambda u: u.startswith(prefix))
         return self.store.remove_prefix(prefix)
 
     def intercepts(self, host: str) -> bool:

@@ -12,15 +12,30 @@ import json
 import os
 import signal
 import socket
+import sqlite3
+import sys
+from typing import Any
+from urllib.parse import quote
 
 from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import TestCase
-from twisted.web.client import HTTPConnectionPool, ProxyAgent
+from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent
 
-from .support import fetch, pause, run, start_origin, wait_for
+from .support import (
+    NOT_DONE_YET,
+    checkout_env,
+    fetch,
+    parse_raw_response,
+    pause,
+    raw_connect,
+    run,
+    run_process,
+    start_origin,
+    wait_for,
+)
 from .test_process import Twistd
 
 WORKER_MODULE = b"cachingproxy.workers.worker"
@@ -68,12 +83,28 @@ def fresh_client(test: TestCase, proxy_port: int) -> HTTPClient:
     return HTTPClient(ProxyAgent(endpoint, reactor=reactor, pool=pool))
 
 
+def direct_client(test: TestCase) -> HTTPClient:
+    """A client for the proxy's own pages (origin-form), a connection each."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    test.addCleanup(pool.closeCachedConnections)
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
 async def start(test: TestCase, *options: str) -> Twistd:
     """``twistd cachingproxy --workers 2`` with both workers up."""
     proxy = Twistd(test, test.mktemp(), "--workers", "2", *options)
     await proxy.wait_listening()
-    await wait_for(lambda: len(worker_pids(proxy.process.pid)) == 2, timeout=30)
+    await wait_for(lambda: len(serving(proxy)) == 2, timeout=30)
     return proxy
+
+
+def serving(proxy: Twistd) -> set[int]:
+    """The workers of ``proxy`` that run and have adopted the sockets."""
+    return {
+        pid
+        for pid in worker_pids(proxy.process.pid)
+        if f"({pid})] cachingproxy listening on" in proxy.text()
+    }
 
 
 def _can_bind(port: int) -> bool:
@@ -207,7 +238,7 @@ class SharedFiguresTests(TestCase):
         """30 requests, each on its own connection (so both workers answer
         some): whichever worker answers, /status.json and /metrics count all
         30 with their bytes, and the access log has 30 whole lines."""
-        return _run(self._totals())
+        return run(self._totals())
 
     async def _totals(self) -> None:
         origin, oport = start_origin(self)
@@ -258,3 +289,273 @@ class SharedFiguresTests(TestCase):
                 samples[("cachingproxy_response_seconds_count", (("cache", "HIT"),))],
                 29,
             )
+
+
+def _open_files(pid: int) -> set[str]:
+    """The paths of the files process ``pid`` has open."""
+    found = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for name in names:
+        try:
+            found.add(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except OSError:
+            continue
+    return found
+
+
+def _claim_states(cache_dir: str) -> list[dict[str, Any]]:
+    """The claims the workers published (white-box: workers/claims.py)."""
+    directory = os.path.join(cache_dir, "run", "claims")
+    states = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else ():
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    states.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+    return states
+
+
+def _get(url: str) -> bytes:
+    host = url.split("/")[2]
+    return (f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").encode()
+
+
+def _body_of(raw: bytes) -> bytes:
+    return raw.partition(b"\r\n\r\n")[2]
+
+
+class GatedOrigin:
+    """``path`` answered with ``body`` (Content-Length, an ETag): the first
+    request gets the head and the first chunk, the rest when ``gate`` fires;
+    later requests get it all at once."""
+
+    def __init__(self, origin: Any, path: str, body: bytes, chunk: int) -> None:
+        self.gate: defer.Deferred[None] = defer.Deferred()
+        self.requests: list[Any] = []
+        self._body = body
+        self._chunk = chunk
+        origin.route(path, self._handle)
+
+    def _handle(self, request: Any) -> Any:
+        self.requests.append(request)
+        request.setHeader(b"Content-Length", b"%d" % len(self._body))
+        request.setHeader(b"ETag", b'"v1"')
+        if len(self.requests) > 1:
+            return self._body
+        request.write(self._body[: self._chunk])
+
+        async def rest() -> None:
+            await self.gate
+            if not request._disconnected:
+                request.write(self._body[self._chunk :])
+                request.finish()
+
+        defer.Deferred.fromCoroutine(rest())
+        return NOT_DONE_YET
+
+    def release(self) -> None:
+        if not self.gate.called:
+            self.gate.callback(None)
+
+
+class CoalescingTests(TestCase):
+    """One upstream download per key across the workers."""
+
+    def test_one_origin_get_for_16_cold_clients(self) -> defer.Deferred[None]:
+        """16 clients on separate connections (spread over both workers)
+        ask for the same cold URL while the origin holds the body back: each
+        gets its first body bytes live, the origin sees one GET, and every
+        client gets the whole body."""
+        return run(self._sixteen())
+
+    async def _sixteen(self) -> None:
+        origin, oport = start_origin(self)
+        body = os.urandom(3 * 1024 * 1024)
+        gated = GatedOrigin(origin, "/cold-1.0.tar.gz", body, 64 * 1024)
+        self.addCleanup(gated.release)
+        proxy = await start(self)
+        url = f"http://127.0.0.1:{oport}/cold-1.0.tar.gz"
+        workers = worker_pids(proxy.process.pid)
+        clients = []
+        tmp = os.path.join(proxy.cache_dir, "tmp")
+
+        def following() -> set[int]:
+            return {
+                pid
+                for pid in workers
+                if any(p.startswith(tmp) for p in _open_files(pid))
+            }
+
+        while len(clients) < 16 or (following() != workers and len(clients) < 48):
+            clients.append(await raw_connect(self, proxy.port, _get(url)))
+            await pause(0.02)
+        await wait_for(lambda: all(len(_body_of(c.received)) > 0 for c in clients))
+        self.assertEqual(following(), workers)
+        self.assertEqual(origin.count("/cold-1.0.tar.gz"), 1)
+        gated.release()
+        await wait_for(lambda: all(c.closed for c in clients), timeout=30)
+        for c in clients:
+            status, _, got = parse_raw_response(bytes(c.received))
+            self.assertEqual(status, 200)
+            self.assertEqual(got, body)
+        self.assertEqual(origin.count("/cold-1.0.tar.gz"), 1)
+
+    def test_kill_9_of_the_owner_while_others_follow(self) -> defer.Deferred[None]:
+        """kill -9 of the worker that owns a download while clients in the
+        other worker follow it: those clients still get the whole, correct
+        body (the survivor fetches it again: the origin sees a second GET),
+        the owner's clients only lose their connection, a new worker
+        appears, and ``cachingproxy-cache verify`` finds nothing wrong."""
+        return run(self._kill_owner())
+
+    async def _kill_owner(self) -> None:
+        origin, oport = start_origin(self)
+        body = os.urandom(4 * 1024 * 1024)
+        gated = GatedOrigin(origin, "/own-1.0.tar.gz", body, 256 * 1024)
+        self.addCleanup(gated.release)
+        proxy = await start(self)
+        url = f"http://127.0.0.1:{oport}/own-1.0.tar.gz"
+        workers = worker_pids(proxy.process.pid)
+        tmp = os.path.join(proxy.cache_dir, "tmp")
+        clients = [await raw_connect(self, proxy.port, _get(url))]
+        await wait_for(lambda: bool(_claim_states(proxy.cache_dir)))
+        await wait_for(lambda: _claim_states(proxy.cache_dir)[0]["state"] == "stream")
+        owner = _claim_states(proxy.cache_dir)[0]["pid"]
+        self.assertIn(owner, workers)
+        (other,) = workers - {owner}
+        while not any(p.startswith(tmp) for p in _open_files(other)):
+            self.assertLess(len(clients), 48, "no client reached the other worker")
+            clients.append(await raw_connect(self, proxy.port, _get(url)))
+            await pause(0.02)
+        await wait_for(lambda: all(len(_body_of(c.received)) > 0 for c in clients))
+        os.kill(owner, signal.SIGKILL)
+        await wait_for(lambda: all(c.closed for c in clients), timeout=30)
+        whole = 0
+        for c in clients:
+            got = _body_of(bytes(c.received))
+            self.assertTrue(body.startswith(got), "a client got wrong bytes")
+            whole += got == body
+        self.assertGreaterEqual(
+            whole,
+            1,
+            (
+                origin.count("/own-1.0.tar.gz"),
+                [len(_body_of(bytes(c.received))) for c in clients],
+                proxy.log()[-3000:],
+            ),
+        )
+        self.assertEqual(origin.count("/own-1.0.tar.gz"), 2)
+        await wait_for(
+            lambda: (
+                len(worker_pids(proxy.process.pid)) == 2
+                and owner not in worker_pids(proxy.process.pid)
+            ),
+            timeout=30,
+        )
+        verify = await run_process(
+            [
+                sys.executable,
+                "-m",
+                "cachingproxy.ops.cachetool",
+                "--cache-dir",
+                proxy.cache_dir,
+                "verify",
+            ],
+            env=checkout_env(),
+            timeout=60,
+        )
+        self.assertEqual(verify.code, 0, verify.output)
+        http = fresh_client(self, proxy.port)
+        _response, got = await fetch(http, url)
+        self.assertEqual(got, body)
+
+
+def _index_bytes(cache_dir: str) -> tuple[int, list[str]]:
+    """Body bytes and URLs in the index (white-box: cache/store/index.py)."""
+    db = sqlite3.connect(f"file:{cache_dir}/index.sqlite?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT url, size FROM entries").fetchall()
+    finally:
+        db.close()
+    return sum(size for _, size in rows), sorted(url for url, _ in rows)
+
+
+class SharedCacheTests(TestCase):
+    """Purge and the disk budget hold for every worker."""
+
+    def test_purge_is_seen_by_every_worker(self) -> defer.Deferred[None]:
+        """A purge answered by one worker: the next requests, over many
+        connections to both workers, fetch once more and then hit; a purge
+        during a download another worker runs leaves nothing stored."""
+        return run(self._purge())
+
+    async def _purge(self) -> None:
+        origin, oport = start_origin(self)
+        origin.static("/p-1.0.whl", b"p" * 3000)
+        proxy = await start(self)
+        http = fresh_client(self, proxy.port)
+        url = f"http://127.0.0.1:{oport}/p-1.0.whl"
+        await fetch(http, url)
+        await wait_for(lambda: _index_bytes(proxy.cache_dir)[1] == [url])
+        response, raw = await fetch(
+            direct_client(self),
+            f"http://127.0.0.1:{proxy.port}/cache?url={quote(url, safe='')}",
+            method="DELETE",
+        )
+        self.assertEqual((response.code, json.loads(raw)), (200, {"removed": 1}))
+        for _ in range(8):
+            response, got = await fetch(http, url)
+            self.assertEqual(got, b"p" * 3000)
+        self.assertEqual(origin.count("/p-1.0.whl"), 2)
+
+        body = os.urandom(1024 * 1024)
+        gated = GatedOrigin(origin, "/q-1.0.tar.gz", body, 64 * 1024)
+        self.addCleanup(gated.release)
+        big = f"http://127.0.0.1:{oport}/q-1.0.tar.gz"
+        follower = await raw_connect(self, proxy.port, _get(big))
+        await wait_for(lambda: len(_body_of(follower.received)) > 0)
+        # The balancer sends this connection to the worker not downloading.
+        response, raw = await fetch(
+            direct_client(self),
+            f"http://127.0.0.1:{proxy.port}/cache?url={quote(big, safe='')}",
+            method="DELETE",
+        )
+        self.assertEqual(response.code, 200)
+        gated.release()
+        await wait_for(lambda: follower.closed, timeout=30)
+        self.assertEqual(_body_of(bytes(follower.received)), body)
+        await pause(0.5)  # a commit would land now
+        self.assertNotIn(big, _index_bytes(proxy.cache_dir)[1])
+        response, got = await fetch(http, big)
+        self.assertEqual(got, body)
+        self.assertEqual(origin.count("/q-1.0.tar.gz"), 2)
+
+    def test_budget_holds_across_workers(self) -> defer.Deferred[None]:
+        """--max-size 1M and twelve 200 KiB files fetched over many
+        connections (both workers commit): the stored bodies never pass the
+        budget, and /status.json says so."""
+        return run(self._budget())
+
+    async def _budget(self) -> None:
+        origin, oport = start_origin(self)
+        for i in range(12):
+            origin.static(f"/b{i}-1.0.whl", bytes([i]) * 200 * 1024)
+        proxy = await start(self, "--max-size", "1M")
+        http = fresh_client(self, proxy.port)
+        for i in range(12):
+            _response, got = await fetch(http, f"http://127.0.0.1:{oport}/b{i}-1.0.whl")
+            self.assertEqual(got, bytes([i]) * 200 * 1024)
+            self.assertLessEqual(_index_bytes(proxy.cache_dir)[0], 1024 * 1024)
+        await pause(0.3)
+        used, urls = _index_bytes(proxy.cache_dir)
+        self.assertLessEqual(used, 1024 * 1024)
+        self.assertGreaterEqual(len(urls), 3)
+        _, raw = await fetch(http, f"http://127.0.0.1:{proxy.port}/status.json")
+        status = json.loads(raw)
+        self.assertLessEqual(status["disk_bytes"], 1024 * 1024)
+        self.assertEqual(status["max_size"], 1024 * 1024)

@@ -164,6 +164,18 @@ class Download:
         assert self._writer is not None
         return self._writer.open_reader()
 
+    @property
+    def body_file(self) -> str | None:
+        """The name of the file the body is stored in, where the store has
+        one (other worker processes follow the body there, SPEC 11)."""
+        name = getattr(self._writer, "name", None)
+        return name if isinstance(name, str) else None
+
+    @property
+    def checks_digest(self) -> bool:
+        """Whether the body is checked against a published digest at its end."""
+        return self._expected is not None
+
     def wait(self) -> defer.Deferred[Outcome]:
         """Fires with what the upstream answered (once the head is in).
         Whether a given client may use it is :mod:`~cachingproxy.fetch.sharing`'s

@@ -8,6 +8,7 @@ fetch its own.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import attrs
 from twisted.internet import defer
@@ -61,10 +62,28 @@ def usable(
     return outcome
 
 
+class Across(Protocol):
+    """Sharing downloads with other worker processes (SPEC 11; see
+    :class:`cachingproxy.workers.coordination.SharedDownloads`)."""
+
+    def download(
+        self,
+        url: str,
+        new: Callable[[], Download],
+        on_done: Callable[[Download], None],
+    ) -> Download:
+        """``new()`` (a started download), or one another worker runs."""
+
+    def mark_purged(self, matches: Callable[[str], bool]) -> None:
+        """Downloads in other workers whose URL ``matches`` store nothing."""
+
+
 class Downloads:
     """The downloads in flight, by normalised URL (for coalescing and status)."""
 
     def __init__(self) -> None:
+        self.across: Across | None = None
+        """Set in a worker process: downloads are shared with the others."""
         self.in_flight: dict[str, Download] = {}
         self.passing: set[PassingThrough] = set()
         self._variants: dict[tuple[str, str], Download] = {}
@@ -82,7 +101,7 @@ class Downloads:
         of its own (``new``, shared with the clients of the same variant)."""
         download = self.get(url)
         if download is None:
-            download = self._start(new(), shared=True)
+            download = self._start_shared(url, new)
         outcome = await self.wait(download, client_headers)
         if outcome.kind is not OutcomeKind.RETRY:
             return download, outcome
@@ -108,6 +127,26 @@ class Downloads:
         return download.wait().addCallback(
             lambda outcome: usable(download, outcome, items)
         )
+
+    def _start_shared(self, url: str, new: Callable[[], Download]) -> Download:
+        """A download for every client of ``url``: a new one, or in a worker
+        process possibly the one another worker runs."""
+        if self.across is None:
+            return self._start(new(), shared=True)
+        download = self.across.download(
+            url, lambda: self._start(new(), shared=True), self.remove
+        )
+        if self.get(url) is None:
+            self.add(download)
+        return download
+
+    def purge(self, matches: Callable[[str], bool]) -> None:
+        """Downloads in flight (in any worker) whose URL ``matches`` leave no
+        entry behind."""
+        for download in self.matching(matches):
+            download.purge()
+        if self.across is not None:
+            self.across.mark_purged(matches)
 
     def _start(self, download: Download, *, shared: bool) -> Download:
         if shared:

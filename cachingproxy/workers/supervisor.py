@@ -34,6 +34,7 @@ from cachingproxy.cache.store import DiskStore
 from cachingproxy.config import ProxyConfig
 from cachingproxy.service import ProxyService
 from cachingproxy.workers import lifeline, run_dir
+from cachingproxy.workers.balance import create_table
 from cachingproxy.workers.sockets import Bound, bind_all
 from cachingproxy.workers.worker import FIRST_FD, WorkerPlan
 
@@ -134,6 +135,7 @@ class Supervisor(Service):
             path = run_dir(config.cache_dir, name)
             shutil.rmtree(path, ignore_errors=True)
             os.makedirs(path, exist_ok=True)
+        create_table(run_dir(config.cache_dir, "balance"), self.count)
 
     def _environment(self) -> dict[str, str]:
         env = {
@@ -158,7 +160,9 @@ class Supervisor(Service):
         process = self.reactor.spawnProcess(
             worker, sys.executable, argv, env=self._environment(), childFDs=fds
         )
-        plan = WorkerPlan(self.config, slot, tuple(self.sockets), os.getpid())
+        plan = WorkerPlan(
+            self.config, slot, self.count, tuple(self.sockets), os.getpid()
+        )
         process.writeToChild(0, lifeline.frame(pickle.dumps(plan)))
         self.workers[slot] = worker
 

@@ -22,7 +22,9 @@ from cachingproxy.config import ProxyConfig
 from cachingproxy.interfaces import ICacheStore
 from cachingproxy.ops.stats import Stats
 from cachingproxy.service import ProxyService
-from cachingproxy.workers import lifeline
+from cachingproxy.workers import lifeline, run_dir
+from cachingproxy.workers.balance import Balancer
+from cachingproxy.workers.coordination import SharedDownloads
 from cachingproxy.workers.sockets import AdoptedEndpoint, Bound
 
 
@@ -33,6 +35,8 @@ class WorkerPlan:
     config: ProxyConfig
     slot: int
     """Which of the N workers this is (0-based; a replacement keeps the slot)."""
+    count: int
+    """N."""
     sockets: tuple[Bound, ...]
     """The supervisor's sockets; the worker has them at fds 3, 4, …"""
     supervisor: int
@@ -53,6 +57,11 @@ class WorkerService(ProxyService):
             (b.option, b.description): FIRST_FD + i for i, b in enumerate(plan.sockets)
         }
         self._families = {b.description: b.family for b in plan.sockets}
+        self.shared = SharedDownloads(
+            plan.config.cache_dir,
+            run_dir(plan.config.cache_dir, "claims"),
+            self.reactor,
+        )
 
     def endpoint(self, description: str) -> IStreamServerEndpoint:
         option = "--listen" if description in self.config.listen else "--listen-tls"
@@ -63,6 +72,25 @@ class WorkerService(ProxyService):
             self.reactor, description, fd, self._families[description]
         )
 
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        assert self.proxy is not None
+        self.proxy.downloads.across = self.shared
+        site = self.site
+        self.balancer = Balancer(
+            run_dir(self.config.cache_dir, "balance"),
+            self.plan.slot,
+            self.plan.count,
+            lambda: len(site.channels) if site is not None else 0,
+            lambda: self.ports,
+            self.reactor,
+        )
+        self.balancer.start()
+
+    def stopService(self) -> Any:  # noqa: N802
+        self.balancer.stop()
+        return super().stopService()
+
     def make_stats(self) -> Stats | None:
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not directory or self.store is None:
@@ -72,7 +100,7 @@ class WorkerService(ProxyService):
         return SharedStats(
             self.reactor,
             usage=self.store.usage,
-            in_flight=lambda: self.proxy.downloads.all() if self.proxy else [],
+            in_flight=self.shared.in_flight,
             directory=directory,
         )
 

@@ -84,6 +84,9 @@ class DiskWriter:
         self._committer = committer
         self._url = url
         self._name = name
+        self.name = name
+        """The body file's name in ``tmp/`` (and, once committed, in
+        ``bodies/XX/``): worker processes follow it there (SPEC 11)."""
         self._tmp_path = os.path.join(tmp_dir, name)
         self._fd = fd
         self._hash = hashlib.sha256()
