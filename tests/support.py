@@ -7,6 +7,7 @@ trial never reports a dirty reactor.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import ipaddress
 import os
 import shutil
@@ -17,6 +18,10 @@ from typing import Any
 
 import attrs
 import treq
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -570,6 +575,64 @@ __all__ += [
     "free_port",
     "run_process",
 ]
+
+
+# -- certificates --------------------------------------------------------------
+
+
+def self_signed(
+    name: str = "cachingproxy test CA", *, ca: bool = True, days: int = 30
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A throw-away self-signed certificate and its key: a CA (which may sign
+    certificates), or with ``ca=False`` a leaf that may not."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+__all__ += ["cert_pem", "key_pem", "self_signed"]
 
 
 # -- helpers for hostile-input, destination-policy and TLS tests ---------------

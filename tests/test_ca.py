@@ -12,8 +12,6 @@ from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from OpenSSL import SSL
@@ -48,6 +46,8 @@ from cachingproxy.ops.cachetool import main as cachetool
 from cachingproxy.tls.ca import CA_CERT_FILE, CA_KEY_FILE, CertificateAuthority
 from cachingproxy.tls.intercept import PACKAGES, InterceptPolicy, parse_pattern
 
+from .support import cert_pem, key_pem, self_signed
+
 DAY = 86400.0
 PYPI = ("*.pythonhosted.org", "pypi.org")
 SUBTREES = ("pypi.org", "pythonhosted.org")
@@ -70,45 +70,10 @@ def verify(
     builder.build_server_verifier(subject).verify(leaf, [])
 
 
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def self_signed(ca: bool) -> tuple[bytes, bytes]:
+def self_signed_pem(ca: bool) -> tuple[bytes, bytes]:
     """A self-signed certificate (a CA or not) and its key, as PEM."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=not ca,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
+    cert, key = self_signed(ca=ca)
+    return cert_pem(cert), key_pem(key)
 
 
 class InterceptPolicyTests(TestCase):
@@ -329,25 +294,25 @@ class LoadTests(TestCase):
 
     def test_loads_a_ca(self) -> None:
         """A CA certificate with its key loads and signs leaves that verify."""
-        cert, key = self_signed(ca=True)
+        cert, key = self_signed_pem(ca=True)
         ca = CertificateAuthority.load(self.write(cert), self.write(key))
         verify(ca, ca.issue("pkg.test"), "pkg.test")
 
     def test_errors(self) -> None:
         """A non-CA certificate, a key of another CA, a file without a
         certificate and a missing file are each a ValueError saying so."""
-        leaf, leaf_key = self_signed(ca=False)
-        cert, _ = self_signed(ca=True)
-        _, other_key = self_signed(ca=True)
+        leaf, leaf_key = self_signed_pem(ca=False)
+        cert, _ = self_signed_pem(ca=True)
+        _, other_key = self_signed_pem(ca=True)
         cases = [
             (leaf, leaf_key, "is not a CA certificate"),
             (cert, other_key, "does not match"),
             (b"junk", other_key, "holds no PEM certificate"),
             (cert, b"junk", "holds no PEM private key"),
         ]
-        for cert_pem, key, message in cases:
+        for pem, key, message in cases:
             with self.assertRaises(ValueError) as caught:
-                CertificateAuthority.load(self.write(cert_pem), self.write(key))
+                CertificateAuthority.load(self.write(pem), self.write(key))
             self.assertIn(message, str(caught.exception))
         with self.assertRaises(ValueError) as caught:
             CertificateAuthority.load(self.mktemp(), self.write(leaf_key))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import re
 import socket
@@ -11,10 +10,6 @@ import sys
 from ipaddress import ip_network
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.plugin import getPlugins
@@ -32,27 +27,11 @@ from cachingproxy.options import (
     parse_size,
 )
 
+from .support import cert_pem, self_signed
+
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "cachingproxy.toml"
 
 G = 1024**3
-
-
-def _pem_certificate() -> bytes:
-    """A throw-away self-signed certificate in PEM form."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 class _EnvMixin(TestCase):
@@ -185,7 +164,7 @@ class CommandLineTests(_EnvMixin):
 
     def test_every_option(self) -> None:
         """Each option lands, parsed, in its ProxyConfig field."""
-        ca = self.write("ca.pem", _pem_certificate())
+        ca = self.write("ca.pem", cert_pem(self_signed()[0]))
         cache = self.tmp / "cache"
         config = self.parse(
             "--listen=tcp:8080:interface=127.0.0.1",

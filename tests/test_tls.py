@@ -14,7 +14,7 @@ import ipaddress
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
@@ -27,13 +27,16 @@ from zope.interface import implementer
 from .support import (
     Origin,
     TrackingSite,
+    cert_pem,
     client,
     fake_resolver,
     fetch,
     header,
+    key_pem,
     parse_raw_response,
     raw_exchange,
     run,
+    self_signed,
     start_proxy_with,
     stored,
 )
@@ -45,44 +48,11 @@ class Authority:
     """A throw-away CA that signs server certificates."""
 
     def __init__(self, name: str = "cachingproxy test CA") -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(
-                x509.BasicConstraints(ca=True, path_length=None), critical=True
-            )
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()),
-                critical=False,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
+        self.cert, self.key = self_signed(name)
 
     @property
     def pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
+        return cert_pem(self.cert)
 
     def write(self, path: str) -> str:
         with open(path, "wb") as f:
@@ -124,11 +94,7 @@ class Authority:
             )
             .sign(self.key, hashes.SHA256())
         )
-        pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        pem = cert_pem(cert) + key_pem(key)
         return PrivateCertificate.loadPEM(pem).options()
 
 
