@@ -13,7 +13,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -29,7 +29,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.resource import Resource
@@ -570,11 +570,85 @@ def run_process(
 __all__ += [
     "REPO_ROOT",
     "TWISTD",
+    "Curl",
     "ProcessResult",
     "checkout_env",
+    "curl",
     "free_port",
+    "need",
     "run_process",
 ]
+
+
+def need(*tools: str) -> None:
+    """Skip the test unless each of ``tools`` is on PATH (.ci/run installs
+    what the tests use)."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        raise SkipTest(f"{', '.join(missing)} not installed (.ci/run installs it)")
+
+
+@attrs.frozen
+class Curl:
+    """What one curl run did: the process, the last response head it
+    printed (after a CONNECT's own head) and the body it saved."""
+
+    process: ProcessResult
+    status_line: str
+    """The last head's status line ("" if none came)."""
+    headers: dict[str, str]
+    """The last head's fields, names lower-cased (the last of a repeated one)."""
+    body: bytes
+
+    @property
+    def code(self) -> int | None:
+        return self.process.code
+
+    @property
+    def output(self) -> str:
+        return self.process.output
+
+    @property
+    def status(self) -> int:
+        """The last head's status code (0 if none came)."""
+        parts = self.status_line.split()
+        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
+async def curl(
+    url: str,
+    *options: str,
+    out: str,
+    proxy: int | None = None,
+    max_time: float = 30.0,
+    inside: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> Curl:
+    """``curl`` for ``url``: through the proxy on 127.0.0.1:``proxy``, or
+    (None) straight, ignoring any proxy variable; the body goes to ``out``,
+    the heads to stdout.  ``inside`` comes before the command (``ip netns
+    exec NAME``)."""
+    argv = [*inside, "curl", "-s", "-S", "-D", "-", "-o", out]
+    if proxy is None:
+        argv += ["--noproxy", "*"]
+    else:
+        argv += ["--noproxy", "", "--proxy", f"http://127.0.0.1:{proxy}"]
+    argv += ["--max-time", f"{max_time:g}", *options, url]
+    result = await run_process(
+        argv, env=no_proxy_env() if env is None else env, timeout=max_time + 10
+    )
+    heads = [h for h in result.out.decode("latin-1").split("\r\n\r\n") if h]
+    lines = heads[-1].split("\r\n") if heads else [""]
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    body = b""
+    if os.path.exists(out):
+        with open(out, "rb") as f:
+            body = f.read()
+    return Curl(result, lines[0], headers, body)
 
 
 # -- certificates --------------------------------------------------------------

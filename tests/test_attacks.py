@@ -39,6 +39,7 @@ from .support import (
     add_namespace,
     checkout_env,
     client,
+    curl,
     fetch,
     header,
     own_page,
@@ -47,7 +48,6 @@ from .support import (
     raw_connect,
     raw_exchange,
     raw_get,
-    run_process,
     start_origin,
     start_proxy,
     start_proxy_with,
@@ -261,25 +261,10 @@ class EmbeddedIPv4Tests(TestCase):
         await proxy.wait_for_text("cachingproxy listening on")
         codes = []
         for url in ("http://[64:ff9b::a9fe:a9fe]/", "http://[2002:a9fe:a9fe::]/"):
-            result = await run_process(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    name,
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "-x",
-                    f"127.0.0.1:{port}",
-                    url,
-                ],
-                timeout=30,
+            result = await curl(
+                url, proxy=port, out=os.devnull, inside=("ip", "netns", "exec", name)
             )
-            codes.append(result.out.decode().strip())
+            codes.append(str(result.status))
         self.assertEqual(codes, ["403", "403"], proxy.text())
 
 

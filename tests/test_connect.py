@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import shutil
 from typing import Any
 
 from twisted.internet import defer
@@ -19,13 +18,14 @@ from twisted.trial.unittest import SkipTest, TestCase
 from cachingproxy.tls.ca import CA_CERT_FILE
 
 from .support import (
+    Curl,
     Origin,
-    ProcessResult,
     TrackingSite,
+    curl,
     fake_resolver,
     free_port,
+    need,
     run,
-    run_process,
     start_proxy,
     start_proxy_with,
 )
@@ -37,8 +37,7 @@ BODY = b"wheel bytes " * 4096
 
 class ConnectTests(TestCase):
     def setUp(self) -> None:
-        if shutil.which("curl") is None:
-            raise SkipTest("curl is not installed (.ci/run installs it)")
+        need("curl")
         self.public = Authority("test public CA")
         self.public_pem = self.public.write(self.mktemp())
         self.https = HTTPSOrigin(self, self.public.server_options())
@@ -53,28 +52,9 @@ class ConnectTests(TestCase):
         values.update(overrides)
         return start_proxy(self, **values)
 
-    async def curl(self, pport: int, url: str, *options: str) -> ProcessResult:
-        out = self.mktemp()
-        self.out = out
-        return await run_process(
-            [
-                "curl",
-                "-s",
-                "-S",
-                "-D",
-                "-",
-                "-o",
-                out,
-                "--noproxy",
-                "",
-                "--proxy",
-                f"http://127.0.0.1:{pport}",
-                *options,
-                url,
-            ],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            timeout=30,
-        )
+    async def curl(self, pport: int, url: str, *options: str) -> Curl:
+        self.out = self.mktemp()
+        return await curl(url, *options, proxy=pport, out=self.out)
 
     def body(self) -> bytes:
         with open(self.out, "rb") as f:
@@ -167,8 +147,7 @@ class TransparentTLSTests(TestCase):
     """--listen-tls: port-443 connections routed by their SNI name."""
 
     def setUp(self) -> None:
-        if shutil.which("curl") is None:
-            raise SkipTest("curl is not installed (.ci/run installs it)")
+        need("curl")
         from twisted.internet import reactor
 
         self.public = Authority("test public CA")
@@ -189,27 +168,13 @@ class TransparentTLSTests(TestCase):
 
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(stop()))
 
-    async def curl(self, tls_port: int, host: str, cacert: str) -> ProcessResult:
+    async def curl(self, tls_port: int, host: str, cacert: str) -> Curl:
         self.out = self.mktemp()
-        return await run_process(
-            [
-                "curl",
-                "-s",
-                "-S",
-                "-D",
-                "-",
-                "-o",
-                self.out,
-                "--noproxy",
-                "*",
-                "--connect-to",
-                f"{host}:443:127.0.0.1:{tls_port}",
-                "--cacert",
-                cacert,
-                f"https://{host}/pkg-1.0-py3-none-any.whl",
-            ],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            timeout=30,
+        return await curl(
+            f"https://{host}/pkg-1.0-py3-none-any.whl",
+            *("--connect-to", f"{host}:443:127.0.0.1:{tls_port}"),
+            *("--cacert", cacert),
+            out=self.out,
         )
 
     def test_sni_intercepted_and_tunnelled(self) -> defer.Deferred[None]:

@@ -38,6 +38,7 @@ from .support import (
     StoppableOrigin,
     build_wheel,
     client_env,
+    curl,
     no_proxy_env,
     pause,
     run,
@@ -251,7 +252,7 @@ class AlpineTests(TestCase):
         return run(self._alpine())
 
     async def _alpine(self) -> None:
-        curl = need("curl", ".ci/run installs curl")
+        need("curl", ".ci/run installs curl")
         root = os.path.abspath(self.mktemp())
         made = alpine_repository(root, "v3.20", "x86_64")
         origin = DirectoryOrigin(self, root)
@@ -259,13 +260,10 @@ class AlpineTests(TestCase):
 
         async def fetch_all() -> None:
             for path, data in made.items():
-                out = os.path.abspath(self.mktemp())
-                result = await run_process(
-                    [curl, "-fsS", "-o", out, f"http://127.0.0.1:{port}/alpine/{path}"],
-                    env=no_proxy_env(),
-                )
-                assert_ok(self, result)
-                self.assertEqual(read(out), data, path)
+                url = f"http://127.0.0.1:{port}/alpine/{path}"
+                result = await curl(url, "-f", out=self.mktemp())
+                assert_ok(self, result.process)
+                self.assertEqual(result.body, data, path)
 
         await fetch_all()
         await origin.stop()

@@ -31,8 +31,10 @@ from .support import (
     NetnsUnavailable,
     ProcessResult,
     add_namespace,
+    curl,
     etc_path,
     free_port,
+    need,
     no_proxy_env,
     run,
     run_process,
@@ -54,12 +56,6 @@ of both families (as CDN-hosted mirrors have), one with a single address."""
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read()
-
-
-def _need(*tools: str) -> None:
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if missing:
-        raise SkipTest(f"{', '.join(missing)} not installed")
 
 
 async def _ok(argv: list[str], **env: str) -> ProcessResult:
@@ -173,7 +169,7 @@ class SystemdUnitTests(TestCase):
         return root
 
     async def _verify(self, units: dict[str, str], *names: str) -> ProcessResult:
-        _need("systemd-analyze")
+        need("systemd-analyze")
         root = self._root(units)
         return await run_process(
             [
@@ -283,7 +279,7 @@ class SystemdUnitTests(TestCase):
         return run(self._socket_activated())
 
     async def _socket_activated(self) -> None:
-        _need("systemd-socket-activate", "curl")
+        need("systemd-socket-activate", "curl")
         env = unit_environment(
             unit_entries(etc_path("systemd", "cachingproxy.service"))
             + unit_entries(etc_path("systemd", DROP_IN))
@@ -323,33 +319,12 @@ class SystemdUnitTests(TestCase):
         url = f"http://127.0.0.1:{oport}/pkg-1.0.tar.gz"
         seen = []
         for _ in range(2):
-            out = self.mktemp()
             # The first connection makes systemd-socket-activate start twistd,
             # which then accepts it: --max-time covers the start-up.
-            result = await run_process(
-                [
-                    "curl",
-                    "-s",
-                    "-S",
-                    "--noproxy",
-                    "",
-                    "-x",
-                    f"http://127.0.0.1:{port}",
-                    "-D",
-                    "-",
-                    "-o",
-                    out,
-                    "--max-time",
-                    "30",
-                    url,
-                ],
-                timeout=40,
-            )
+            result = await curl(url, proxy=port, out=self.mktemp())
             self.assertEqual(result.code, 0, result.output)
-            with open(out, "rb") as f:
-                self.assertEqual(f.read(), body)
-            found = re.search(r"(?im)^x-cache: *(\S+)", result.out.decode("latin-1"))
-            seen.append(found[1] if found else None)
+            self.assertEqual(result.body, body)
+            seen.append(result.headers.get("x-cache"))
         self.assertEqual(seen, ["MISS", "HIT"])
         self.assertEqual(origin.count("/pkg-1.0.tar.gz"), 1)
 
@@ -397,7 +372,7 @@ class OpenRCTests(TestCase):
         excepted)."""
 
         async def check() -> None:
-            _need("shellcheck")
+            need("shellcheck")
             await _ok(["shellcheck", "-s", "sh", "-e", "SC2034", self.init])
             await _ok(["shellcheck", "-s", "sh", self.conf])
 
@@ -553,7 +528,7 @@ class NftablesTests(TestCase):
         return run(self._check_load_and_variants())
 
     async def _check_load_and_variants(self) -> None:
-        _need("nft")
+        need("nft")
         ns = await _scratch_namespace(self)
         rules = self._rules()
         await _ok(_netns(ns, "nft", "-c", "-f", rules))
@@ -624,7 +599,7 @@ class IptablesTests(TestCase):
         return run(self._variants())
 
     async def _variants(self) -> None:
-        _need("iptables", "iptables-save")
+        need("iptables", "iptables-save")
         ns = await _scratch_namespace(self)
         env = {"LAN_IF": "lan0", "PROXY_PORT": "3129", "PROXY_USER": "root"}
         has_ip6 = shutil.which("ip6tables") is not None
@@ -679,7 +654,7 @@ class ClientSnippetTests(TestCase):
         direct."""
 
         async def check() -> None:
-            _need("apt-config")
+            need("apt-config")
             empty = os.path.abspath(self.mktemp())
             os.makedirs(empty)
             isolated = os.path.abspath(self.mktemp())
@@ -707,7 +682,7 @@ class ClientSnippetTests(TestCase):
         GENTOO_MIRRORS and http_proxy."""
 
         async def check() -> None:
-            _need("bash")
+            need("bash")
             path = etc_path("clients", "portage", "make.conf")
             result = await _ok(
                 [

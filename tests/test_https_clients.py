@@ -16,7 +16,6 @@ import hashlib
 import importlib.util
 import ipaddress
 import os
-import shutil
 import stat
 import sys
 from typing import Any
@@ -37,7 +36,9 @@ from .support import (
     build_wheel,
     checkout_env,
     client_env,
+    curl,
     free_port,
+    need,
     run,
     run_process,
     start_proxy,
@@ -336,22 +337,13 @@ class TwistdInterceptionTests(_HTTPSTestCase):
     """A real ``twistd cachingproxy --intercept`` process, with curl."""
 
     def setUp(self) -> None:
-        if shutil.which("curl") is None:
-            raise SkipTest("curl is not installed (.ci/run installs it)")
+        need("curl")
         super().setUp()
 
     async def curl(self, pport: int, url: str, cacert: str) -> tuple[str, bytes]:
-        out = self.mktemp()
-        result = await run_process(
-            [
-                *("curl", "-s", "-S", "-D", "-", "-o", out, "--noproxy", ""),
-                *("--proxy", f"http://127.0.0.1:{pport}", "--cacert", cacert, url),
-            ],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            timeout=30,
-        )
+        result = await curl(url, "--cacert", cacert, proxy=pport, out=self.mktemp())
         self.assertEqual(result.code, 0, result.output)
-        return result.output, read_file(out)
+        return result.output, result.body
 
     def test_twistd_intercepts_and_prints_its_ca(self) -> defer.Deferred[None]:
         """``twistd cachingproxy --intercept localhost --upstream-ca …``

@@ -29,8 +29,10 @@ from .support import (
     NetnsUnavailable,
     ProcessResult,
     checkout_env,
+    curl,
     etc_path,
     make_netns,
+    need,
     no_proxy_env,
     run,
     run_process,
@@ -44,11 +46,6 @@ PACKAGE = "/pkg-1.0.tar.gz"
 OTHER = "/other-2.0.tar.gz"
 
 _ORIGIN_LOG = re.compile(r'^(\S+) - - \[[^\]]*\] "GET (\S+) HTTP/1\.[01]"', re.M)
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 class Topology:
@@ -129,35 +126,15 @@ class Topology:
     ) -> tuple[ProcessResult, int, dict[str, str], bytes]:
         """``curl`` in the client namespace with no proxy configured: the
         result, status, lower-cased headers and body."""
-        out = self.test.mktemp()
-        result = await run_process(
-            self.netns.exec(
-                self.netns.client,
-                "curl",
-                "-s",
-                "-S",
-                "--noproxy",
-                "*",
-                "-D",
-                "-",
-                "-o",
-                out,
-                "--max-time",
-                "10",
-                *options,
-                f"http://{address}{path}",
-            ),
-            env=no_proxy_env(),
-            timeout=20,
+        result = await curl(
+            f"http://{address}{path}",
+            *options,
+            out=self.test.mktemp(),
+            max_time=10,
+            inside=self.netns.exec(self.netns.client),
         )
         self.test.assertEqual(result.code, 0, result.output + self.logs())
-        lines = result.out.decode("latin-1").split("\r\n")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        return result, int(lines[0].split()[1]), headers, _read(out)
+        return result.process, result.status, result.headers, result.body
 
     def logs(self) -> str:
         """The proxy's and the origin's output, for failure messages."""
@@ -169,8 +146,7 @@ class Topology:
 
 
 async def _topology(test: TestCase, router_hosts: str = "") -> Topology:
-    if shutil.which("curl") is None:
-        raise SkipTest("curl is not installed (.ci/run installs it)")
+    need("curl")
     try:
         netns = await make_netns(test, router_hosts)
     except NetnsUnavailable as e:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sqlite3
 from typing import Any
 
@@ -22,7 +21,9 @@ from .support import (
     ChildServer,
     ProcessResult,
     checkout_env,
+    curl,
     free_port,
+    need,
     pause,
     run,
     run_process,
@@ -75,38 +76,6 @@ class Twistd(ChildServer):
         super().__init__(test, argv, port, env=checkout_env(), path=cwd)
 
 
-async def curl(
-    proxy_port: int, url: str, out: str, max_time: float = 30.0
-) -> tuple[ProcessResult, str, dict[str, str]]:
-    """``curl -x`` through the proxy, body to ``out``: result, status line, headers."""
-    result = await run_process(
-        [
-            "curl",
-            "-s",
-            "-S",
-            "--noproxy",
-            "",
-            "-x",
-            f"http://127.0.0.1:{proxy_port}",
-            "-D",
-            "-",
-            "-o",
-            out,
-            "--max-time",
-            str(max_time),
-            url,
-        ],
-        timeout=max_time + 10,
-    )
-    lines = result.out.decode("latin-1").split("\r\n")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    return result, lines[0], headers
-
-
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -132,16 +101,11 @@ def _committed_urls(cache_dir: str) -> list[str]:
         db.close()
 
 
-def _need_curl(test: TestCase) -> None:
-    if shutil.which("curl") is None:
-        raise test.skipTest("curl is not installed (.ci/run installs it)")
-
-
 class TwistdCachingTests(TestCase):
     """The real twistd process caches, logs and survives a crash."""
 
     def setUp(self) -> None:
-        _need_curl(self)
+        need("curl")
 
     def test_miss_then_hit(self) -> defer.Deferred[None]:
         """Through ``twistd cachingproxy``, curl gets X-Cache MISS then HIT with the
@@ -156,15 +120,16 @@ class TwistdCachingTests(TestCase):
         await proxy.wait_listening()
         url = f"http://127.0.0.1:{oport}/pkg-1.0.tar.gz"
         first, second = self.mktemp(), self.mktemp()
-        r1, status1, h1 = await curl(proxy.port, url, first)
-        r2, status2, h2 = await curl(proxy.port, url, second)
+        r1 = await curl(url, proxy=proxy.port, out=first)
+        r2 = await curl(url, proxy=proxy.port, out=second)
         self.assertEqual(r1.code, 0, r1.output)
         self.assertEqual(r2.code, 0, r2.output)
-        self.assertIn(" 200", status1)
-        self.assertIn(" 200", status2)
-        self.assertEqual((h1.get("x-cache"), h2.get("x-cache")), ("MISS", "HIT"))
-        self.assertEqual(_read(first), body)
-        self.assertEqual(_read(second), body)
+        self.assertEqual((r1.status, r2.status), (200, 200))
+        self.assertEqual(
+            (r1.headers.get("x-cache"), r2.headers.get("x-cache")), ("MISS", "HIT")
+        )
+        self.assertEqual(r1.body, body)
+        self.assertEqual(r2.body, body)
         self.assertEqual(origin.count("/pkg-1.0.tar.gz"), 1)
 
     def test_kill_9_mid_download_leaves_nothing(self) -> defer.Deferred[None]:
@@ -205,7 +170,7 @@ class TwistdCachingTests(TestCase):
         await proxy.wait_listening()
 
         partial = self.mktemp()
-        client = defer.ensureDeferred(curl(proxy.port, url, partial))
+        client = defer.ensureDeferred(curl(url, proxy=proxy.port, out=partial))
         waited = 0.0
         while not any(size >= sent for size in _temp_files(cache_dir).values()):
             if waited > 15:
@@ -221,20 +186,20 @@ class TwistdCachingTests(TestCase):
 
         self.assertEqual(_committed_urls(cache_dir), [])
         self.assertTrue(_temp_files(cache_dir), "the crash left its temp file")
-        result, _, headers = await client
+        result = await client
         self.assertNotEqual(result.code, 0, "curl saw a complete body")
-        self.assertEqual(headers.get("x-cache"), "MISS")
+        self.assertEqual(result.headers.get("x-cache"), "MISS")
         self.assertLess(os.path.getsize(partial), len(body))
 
         restarted = Twistd(self, cache_dir)
         await restarted.wait_listening()
         self.assertEqual(_temp_files(cache_dir), {}, restarted.log())
         again = self.mktemp()
-        r, status, headers = await curl(restarted.port, url, again)
+        r = await curl(url, proxy=restarted.port, out=again)
         self.assertEqual(r.code, 0, r.output)
-        self.assertIn(" 200", status)
-        self.assertEqual(headers.get("x-cache"), "MISS")
-        self.assertEqual(_read(again), body)
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.headers.get("x-cache"), "MISS")
+        self.assertEqual(r.body, body)
         self.assertEqual(origin.count(path), 2)
         # The commit (fsync, rename, index row) may land just after the response.
         for _ in range(500):
@@ -257,7 +222,7 @@ class TwistdCachingTests(TestCase):
         await proxy.wait_listening()
         url = f"http://127.0.0.1:{oport}/log-1.0.whl"
         for _ in range(2):
-            result, _, _ = await curl(proxy.port, url, self.mktemp())
+            result = await curl(url, proxy=proxy.port, out=self.mktemp())
             self.assertEqual(result.code, 0, result.output)
 
         def lines() -> list[str]:

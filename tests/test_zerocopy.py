@@ -8,24 +8,24 @@ import hashlib
 import ipaddress
 import os
 import random
-import shutil
 from typing import Any
 
 from twisted.internet import defer
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from cachingproxy.cache.store import _sendfile
 from cachingproxy.tls.ca import CA_CERT_FILE
 
 from .support import (
     client,
+    curl,
     fetch,
     header,
+    need,
     parse_raw_response,
     pause,
     raw_connect,
     run,
-    run_process,
     start_origin,
     start_proxy,
     stored,
@@ -209,8 +209,7 @@ class TLSTests(TestCase):
     the same bytes."""
 
     def setUp(self) -> None:
-        if shutil.which("curl") is None:
-            raise SkipTest("curl is not installed (.ci/run installs it)")
+        need("curl")
         self.public = Authority("test public CA")
         self.public_pem = self.public.write(self.mktemp())
         self.https = HTTPSOrigin(self, self.public.server_options())
@@ -218,29 +217,14 @@ class TLSTests(TestCase):
         self.https.origin.static(PATH, self.body)
 
     async def curl(self, pport: int, ca: str, *options: str) -> bytes:
-        out = self.mktemp()
-        result = await run_process(
-            [
-                "curl",
-                "-s",
-                "-S",
-                "-o",
-                out,
-                "--noproxy",
-                "",
-                "--proxy",
-                f"http://127.0.0.1:{pport}",
-                "--cacert",
-                ca,
-                *options,
-                self.https.url(PATH),
-            ],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            timeout=30,
+        result = await curl(
+            self.https.url(PATH),
+            *("--cacert", ca, *options),
+            proxy=pport,
+            out=self.mktemp(),
         )
         self.assertEqual(result.code, 0, result.output)
-        with open(out, "rb") as f:
-            return f.read()
+        return result.body
 
     def test_tls_hits_whole_and_ranged(self) -> defer.Deferred[None]:
         return run(self._tls())
