@@ -411,7 +411,6 @@ class OptionErrorTests(SynchronousTestCase):
 class VariantTests(TestCase):
     """D2: variants per URL are capped, and equivalent values share one."""
 
-    @run
     async def test_variants_capped(self) -> None:
         """An origin that varies on a header any client sets: 40 distinct
         values leave at most MAX_VARIANTS entries, the newest kept."""
@@ -437,7 +436,6 @@ class VariantTests(TestCase):
         r, body = await fetch(http, url, {"X-Flavour": "f39"})
         self.assertEqual((header(r, "x-cache"), body), ("HIT", b"flavour f39"))
 
-    @run
     async def test_equivalent_accept_encoding_shares_a_variant(self) -> None:
         origin, oport = start_origin(self)
         origin.static(
@@ -474,7 +472,6 @@ class MirrorDigestTests(TestCase):
     """D8: a file stored through the forward path is checked against the
     digest an index published before the mirror serves it."""
 
-    @run
     async def test_forward_stored_tampered_file_not_served_by_the_mirror(self) -> None:
         from .test_mirror import WHEEL, simple_page
 
@@ -501,7 +498,6 @@ class MirrorDigestTests(TestCase):
         self.assertEqual(await service.store.lookup(key), [])
         self.flushLoggedErrors()
 
-    @run
     async def test_forward_stored_good_file_is_a_hit(self) -> None:
         from .test_mirror import WHEEL, simple_page
 
