@@ -18,7 +18,7 @@ from cachingproxy.fleet.health import Health
 from cachingproxy.fleet.s3 import S3Client
 from cachingproxy.fleet.shared import SharedTier
 from cachingproxy.fleet.tiered import TieredStore
-from tests.fleetnodes import BUCKET
+from tests.fleetnodes import BUCKET, wait_until
 from tests.seaweed import shared_seaweed
 from tests.test_store import RecordingConsumer, make_entry
 
@@ -105,7 +105,7 @@ class TieredStoreTests(TestCase):
 
     def test_corrupt_object_not_copied(self) -> defer.Deferred[None]:
         """A shared object whose body does not match its published sha256 is
-        never copied into the local tier."""
+        never served whole, never copied into the local tier, and deleted."""
         return defer.Deferred.fromCoroutine(self._corrupt())
 
     async def _corrupt(self) -> None:
@@ -116,9 +116,15 @@ class TieredStoreTests(TestCase):
         key = layout.object_key(prefix, URL, "")
         await two.shared.client.put(key, layout.encode_header(entry) + body)
         [found] = await two.lookup(URL)
-        await self._read(two, found)
+        got = await self._read(two, found)
+        self.assertEqual(got, body[:-1])  # never the whole of a bad body
         await two.settled(URL)  # the copy was aborted
         self.assertEqual(await two.local.lookup(URL), [])
+
+        async def dropped() -> bool:
+            return await two.shared.lookup(URL) == []
+
+        await wait_until(dropped, 10)
 
     def test_remove(self) -> defer.Deferred[None]:
         """Removing a URL removes the shared object and tells the fleet;

@@ -55,6 +55,24 @@ class S3Error(Exception):
         self.status = status
         self.code = code
 
+    @property
+    def store_unusable(self) -> bool:
+        """Whether this says the store (not one object) cannot be used now:
+        unreachable, failing, or refusing this node (bucket, credentials)."""
+        return self.status == 0 or self.status >= 500 or self.code in _UNUSABLE
+
+
+_UNUSABLE = frozenset(
+    {
+        "NoSuchBucket",
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+    }
+)
+
 
 class PreconditionFailed(S3Error):
     """A conditional write lost: the object exists (``If-None-Match: *``)."""

@@ -52,7 +52,7 @@ class SharedTier:
                 if entry is not None and entry.url == url:
                     entries.append(entry)
         except S3Error as e:
-            if e.status == 0 or e.status >= 500:
+            if e.store_unusable:
                 self.health.failed(e)
             else:
                 _log.warn("shared lookup of {url} failed: {e}", url=url, e=e)
@@ -88,7 +88,7 @@ class SharedTier:
                 key, offset + start, offset + end, retries=QUICK
             )
         except S3Error as e:
-            if e.status == 0 or e.status >= 500:
+            if e.store_unusable:
                 self.health.failed(e)
             raise
         self.health.succeeded()
@@ -117,7 +117,7 @@ class SharedTier:
         except PreconditionFailed:
             return False
         except S3Error as e:
-            if e.status == 0 or e.status >= 500:
+            if e.store_unusable:
                 self.health.failed(e)
             raise
         self.health.succeeded()

@@ -43,6 +43,9 @@ _log = Logger()
 
 _DONE = Failure(ResponseDone())
 
+IDLE_TIMEOUT = 30.0
+"""Seconds of silence from the store, mid-body, before a read gives up."""
+
 SEEN = 10_000
 """URLs whose last lookup is remembered (:meth:`TieredStore.seen`)."""
 
@@ -122,13 +125,27 @@ class TieredStore:
         if writer is not None:
             self._copying.add(key)
             self._writing[entry.url] += 1
-        pipe = _Pipe(consumer, writer, end - start, entry.digest if copy else "")
+        whole = start == 0 and end == entry.size
+        pipe = _Pipe(
+            consumer, writer, end - start, entry.digest if whole else "", self._clock
+        )
         response.deliverBody(pipe)
+        pipe.finished.addCallback(self._drop_if_corrupt, pipe, entry)
         try:
             await pipe.served
         finally:
             if writer is not None:
                 pipe.finished.addBoth(lambda ok: self._copied(entry, writer, ok, key))
+
+    def _drop_if_corrupt(self, ok: bool, pipe: _Pipe, entry: StoredResponse) -> bool:
+        """An object whose body does not match its own sha256 is deleted, so
+        no node tries it again."""
+        if pipe.corrupt:
+            d = defer.Deferred.fromCoroutine(
+                self.shared.remove(entry.url, entry.variant)
+            )
+            d.addErrback(lambda f: None)
+        return ok
 
     def _copied(
         self, entry: StoredResponse, writer: IBodyWriter, ok: object, key: Any
@@ -302,11 +319,19 @@ class _Pipe(Protocol):
         writer: IBodyWriter | None,
         expected: int,
         digest: str,
+        clock: Any,
     ) -> None:
         self._consumer: IConsumer | None = consumer
         self._writer = writer
         self._expected = expected
         self._digest = digest
+        self._held = b""
+        """The last byte of a whole body, sent only once its sha256 matched
+        (so a client never gets a corrupt object whole)."""
+        self._clock = clock
+        self._timer: Any = None
+        self._timed_out = False
+        self.corrupt = False
         self._size = 0
         self._sha = hashlib.sha256()
         self.served: defer.Deferred[None] = defer.Deferred()
@@ -315,8 +340,17 @@ class _Pipe(Protocol):
     def connectionMade(self) -> None:  # noqa: N802
         assert self._consumer is not None
         self._consumer.registerProducer(self, True)
+        self._timer = self._clock.callLater(IDLE_TIMEOUT, self._idle)
+
+    def _idle(self) -> None:
+        """The store went silent mid-body: give up on it."""
+        self._timer = None
+        self._timed_out = True
+        self.transport.stopProducing()  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._timer is not None:
+            self._timer.reset(IDLE_TIMEOUT)
         self._size += len(data)
         if self._digest:
             self._sha.update(data)
@@ -327,29 +361,46 @@ class _Pipe(Protocol):
                 self._writer.abort()
                 self._writer = None
         if self._consumer is not None:
-            self._consumer.write(data)
+            if self._digest and self._size >= self._expected:
+                data, self._held = data[:-1], data[-1:]
+            if data:
+                self._consumer.write(data)
         elif self._writer is None:
             self.transport.stopProducing()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = _DONE) -> None:  # noqa: N802
-        complete = bool(reason.check(ResponseDone)) and self._size == self._expected
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        complete = (
+            bool(reason.check(ResponseDone))
+            and self._size == self._expected
+            and not self._timed_out
+        )
+        verified = complete and (
+            not self._digest or self._sha.hexdigest() == self._digest
+        )
+        self.corrupt = complete and not verified
+        if self.corrupt:
+            _log.error(
+                "a shared object does not match its sha256 {digest}; not served"
+                " whole, not copied",
+                digest=self._digest,
+            )
         if self._consumer is not None:
-            self._consumer.unregisterProducer()
-            self._consumer = None
-            if complete:
+            consumer, self._consumer = self._consumer, None
+            if verified and self._held:
+                consumer.write(self._held)
+            consumer.unregisterProducer()
+            if verified:
                 self.served.callback(None)
             else:
                 self.served.errback(
                     BodyMissing(f"shared object broke off after {self._size} bytes")
                 )
-        verified = complete and self._sha.hexdigest() == self._digest
-        if complete and self._digest and not verified:
-            _log.error(
-                "the shared copy of an entry does not match its sha256 {digest};"
-                " not copied",
-                digest=self._digest,
-            )
-        self.finished.callback(verified and self._writer is not None)
+        self.finished.callback(
+            verified and bool(self._digest) and self._writer is not None
+        )
 
     # IPushProducer, for the client
     def pauseProducing(self) -> None:  # noqa: N802
