@@ -15,6 +15,7 @@ from tests.support import (
     RawClient,
     StoppableOrigin,
     parse_raw_response,
+    pause,
     raw_connect,
     streaming,
 )
@@ -118,3 +119,32 @@ class LeaseTests(TestCase):
 
 async def _lost(client: RawClient) -> None:
     await client.lost
+
+
+class WorkersLeaseTests(TestCase):
+    timeout = 240
+
+    def test_nodes_with_workers(self) -> defer.Deferred[None]:
+        """Two nodes of two workers each: 8 concurrent cold clients cause one
+        origin GET and all get the whole body (leases between nodes, claims
+        between the workers of a node)."""
+        return defer.Deferred.fromCoroutine(self._workers())
+
+    async def _workers(self) -> None:
+        weed = shared_seaweed()
+        _, prefix = await make_bucket(self, weed)
+        origin = StoppableOrigin(self)
+        body = os.urandom(2 * MiB)
+        gate: defer.Deferred[None] = defer.Deferred()
+        origin.origin.route("/w-1.0.tar.gz", streaming(body, gate=gate))
+        url = f"http://127.0.0.1:{origin.port}/w-1.0.tar.gz"
+        nodes = await start_nodes(self, weed, prefix, 2, "--workers", "2")
+        clients = [await _request(self, nodes[i % 2].port, url) for i in range(8)]
+        await pause(1.0)
+        gate.callback(None)
+        for c in clients:
+            await c.lost
+        for c in clients:
+            status, _, got = parse_raw_response(bytes(c.received))
+            self.assertEqual((status, got == body), (200, True))
+        self.assertEqual(origin.origin.count("/w-1.0.tar.gz"), 1)

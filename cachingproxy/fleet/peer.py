@@ -143,7 +143,9 @@ class PeerClient:
     """Asks other nodes' endpoints for a URL."""
 
     def __init__(self, reactor: Any, secret: bytes, timeout: float) -> None:
-        pool = HTTPConnectionPool(reactor, persistent=True)
+        # A new connection each time: with --workers the holder's socket is
+        # shared by its workers, and a retry may reach the one downloading.
+        pool = HTTPConnectionPool(reactor, persistent=False)
         self._pool = pool
         self._agent = Agent(reactor, connectTimeout=5, pool=pool)
         self._secret = secret
