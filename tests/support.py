@@ -360,14 +360,22 @@ class RawClient(Protocol):
 
 
 async def raw_connect(
-    test: TestCase, port: int, data: bytes, *, stalled: bool = False
+    test: TestCase,
+    port: int,
+    data: bytes,
+    *,
+    stalled: bool = False,
+    source: str | None = None,
 ) -> RawClient:
-    """Connect to ``port`` on 127.0.0.1 and send ``data``; ``stalled`` never
-    reads (its transport is paused) until resumed."""
+    """Connect to ``port`` on 127.0.0.1 (from address ``source``: any 127/8
+    address is this host) and send ``data``; ``stalled`` never reads (its
+    transport is paused) until resumed."""
     protocol = RawClient(data, stalled)
     factory = ClientFactory.forProtocol(lambda: protocol)
     factory.noisy = False
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    bind = None if source is None else (source, 0)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=bind)
+    await endpoint.connect(factory)
 
     def close() -> defer.Deferred[None] | None:
         if protocol.closed:

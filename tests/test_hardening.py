@@ -11,8 +11,7 @@ from typing import Any
 import attrs
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
@@ -50,22 +49,8 @@ def status_of(raw: bytes) -> int:
 async def connect(
     test: TestCase, port: int, data: bytes = b"", source: str = "127.0.0.1"
 ) -> RawClient:
-    """A raw connection to 127.0.0.1:``port`` from address ``source`` (any
-    127/8 address is this host), sending ``data``."""
-    protocol = RawClient(data, stalled=False)
-    factory = ClientFactory.forProtocol(lambda: protocol)
-    factory.noisy = False
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(source, 0))
-    await endpoint.connect(factory)
-
-    def close() -> defer.Deferred[None] | None:
-        if protocol.closed:
-            return None
-        protocol.transport.abortConnection()  # type: ignore[union-attr]
-        return protocol.lost
-
-    test.addCleanup(close)
-    return protocol
+    """A raw connection to 127.0.0.1:``port`` from address ``source``."""
+    return await raw_connect(test, port, data, source=source)
 
 
 async def closed(protocol: RawClient, timeout: float = 5.0) -> None:
