@@ -14,7 +14,6 @@ import base64
 import hashlib
 import ipaddress
 import os
-import subprocess
 from typing import Any
 
 from twisted.internet import defer
@@ -49,6 +48,7 @@ from .support import (
     raw_connect,
     raw_exchange,
     raw_get,
+    run_process,
     start_origin,
     start_proxy,
     start_proxy_with,
@@ -393,20 +393,18 @@ def _scratch(test: SynchronousTestCase) -> str:
 class OptionErrorTests(SynchronousTestCase):
     """D11: a bad option value is one error line, not the whole usage."""
 
-    def test_bad_value_is_short(self) -> None:
-        result = subprocess.run(
+    async def test_bad_value_is_short(self) -> None:
+        result = await run_process(
             [*TWISTD, "-n", "cachingproxy", "--read-timeout", "soon"],
             env=checkout_env(),
-            capture_output=True,
-            text=True,
             timeout=120,
-            cwd=_scratch(self),
+            path=_scratch(self),
         )
-        lines = [line for line in (result.stdout + result.stderr).splitlines() if line]
-        self.assertNotEqual(result.returncode, 0)
+        lines = [line for line in result.output.splitlines() if line]
+        self.assertNotEqual(result.code, 0)
         self.assertLessEqual(len(lines), 3, lines)
         self.assertIn("--read-timeout", lines[-1])
-        self.assertNotIn("--max-object-size", result.stdout + result.stderr)
+        self.assertNotIn("--max-object-size", result.output)
 
 
 class VariantTests(TestCase):

@@ -10,7 +10,6 @@ import time
 from contextlib import redirect_stderr, redirect_stdout
 
 from twisted.internet import task
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from cachingproxy.cache.entry import StoredResponse
@@ -18,6 +17,7 @@ from cachingproxy.cache.store import DiskStore
 from cachingproxy.cache.store.disk import FLUSH_INTERVAL
 from cachingproxy.ops.cachetool import main
 
+from .support import checkout_env, run_process
 from .test_store import ClockReactor, make_entry
 
 DAY = 86400.0
@@ -296,18 +296,16 @@ class CacheToolTests(unittest.TestCase):
     async def test_subprocess(self) -> None:
         """``python -m cachingproxy.ops.cachetool`` runs the tool with its exit status."""
         await self.populate()
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        args = ["-m", "cachingproxy.ops.cachetool", "--cache-dir", self.path]
-        out, err, code = await getProcessOutputAndValue(
-            sys.executable, [*args, "ls", "https://other.example/"], env=env
+        args = [sys.executable, "-m", "cachingproxy.ops.cachetool"]
+        args += ["--cache-dir", self.path]
+        result = await run_process(
+            [*args, "ls", "https://other.example/"], env=checkout_env()
         )
-        self.assertEqual((code, err), (0, b""))
-        self.assertEqual(out.decode().split("\t")[0], C)
+        self.assertEqual((result.code, result.err), (0, b""))
+        self.assertEqual(result.out.decode().split("\t")[0], C)
         missing = self.path + "-missing"
-        out, err, code = await getProcessOutputAndValue(
-            sys.executable, [*args[:3], missing, "verify"], env=env
-        )
-        self.assertEqual((code, out), (2, b""))
+        result = await run_process([*args[:4], missing, "verify"], env=checkout_env())
+        self.assertEqual((result.code, result.out), (2, b""))
         self.assertEqual(
-            err.decode(), f"cachingproxy-cache: error: no cache in {missing}\n"
+            result.err.decode(), f"cachingproxy-cache: error: no cache in {missing}\n"
         )

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import subprocess
-import sys
 from ipaddress import ip_network
 from pathlib import Path
 
@@ -16,7 +14,6 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
-import cachingproxy
 from cachingproxy import tap
 from cachingproxy.config import DEFAULT_ALLOW_CLIENT, FOREVER, Mirror, ProxyConfig, Rule
 from cachingproxy.options import (
@@ -27,7 +24,7 @@ from cachingproxy.options import (
     parse_size,
 )
 
-from .support import cert_pem, self_signed
+from .support import TWISTD, cert_pem, checkout_env, run_process, self_signed
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "etc" / "cachingproxy.toml"
 
@@ -620,34 +617,19 @@ class PluginTests(_EnvMixin):
         return stopped
 
 
-def _twistd() -> list[str]:
-    """The command that runs the twistd belonging to this Python."""
-    script = Path(sys.executable).with_name("twistd")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
 class TwistdTests(_EnvMixin):
     """The real ``twistd`` command line."""
 
-    def test_bad_option_exits_cleanly(self) -> None:
+    async def test_bad_option_exits_cleanly(self) -> None:
         """``twistd cachingproxy --max-size 12X`` exits non-zero naming --max-size,
         without a traceback."""
-        env = dict(os.environ)
-        package_root = str(Path(cachingproxy.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [package_root, *filter(None, [env.get("PYTHONPATH")])]
-        )
-        result = subprocess.run(
-            [*_twistd(), "-n", "cachingproxy", "--max-size", "12X"],
-            cwd=self.tmp,
-            env=env,
-            capture_output=True,
-            text=True,
+        result = await run_process(
+            [*TWISTD, "-n", "cachingproxy", "--max-size", "12X"],
+            env=checkout_env(),
+            path=str(self.tmp),
             timeout=120,
         )
-        output = result.stdout + result.stderr
-        self.assertNotEqual(result.returncode, 0, output)
+        output = result.output
+        self.assertNotEqual(result.code, 0, output)
         self.assertIn("--max-size: '12X' is not a size", output)
         self.assertNotIn("Traceback", output)
