@@ -39,7 +39,9 @@ async def render(request: Request, path: str, surface: Surface) -> None:
         return
     if bare == "/":
         host = (request.getHeader(b"host") or b"").decode("latin-1") or None
-        page = statuspage.render_html(surface.stats.snapshot(), host=host)
+        page = statuspage.render_html(
+            surface.stats.snapshot(), host=host, mirrors=surface.config.mirrors
+        )
         _send(request, surface, page.encode("utf-8"), statuspage.HTML_CONTENT_TYPE)
     elif bare == "/status.json":
         body = statuspage.render_json(surface.stats.snapshot())

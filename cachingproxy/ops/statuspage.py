@@ -14,6 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from typing import Any
 
+from cachingproxy.config import Mirror
+from cachingproxy.ops.onboarding import mirrors_html
+
 JSON_CONTENT_TYPE = "application/json"
 HTML_CONTENT_TYPE = "text/html; charset=utf-8"
 
@@ -32,6 +35,8 @@ tbody tr:nth-child(odd){background:#f4f4f4}
 .grid{display:flex;flex-wrap:wrap;gap:0 3em}
 svg{border:1px solid #ddd;max-width:100%;height:auto}
 .none{color:#888}
+pre{background:#f4f4f4;padding:.5em;overflow-x:auto}
+h3.client{font-size:1em;margin:.8em 0 .2em}
 """
 
 _KIB = 1024
@@ -43,10 +48,15 @@ def render_json(snapshot: Mapping[str, Any]) -> bytes:
 
 
 def render_html(
-    snapshot: Mapping[str, Any], *, refresh: int = 10, host: str | None = None
+    snapshot: Mapping[str, Any],
+    *,
+    refresh: int = 10,
+    host: str | None = None,
+    mirrors: Sequence[Mirror] = (),
 ) -> str:
     """The status page for ``snapshot`` (:meth:`Stats.snapshot`); ``host``
-    (the request's Host) is shown in a usage hint when given."""
+    (the request's Host) is shown in a usage hint when given, and the
+    ``mirrors`` with client settings written for it."""
     s = snapshot
     version = escape(str(s.get("version", "")))
     disk = int(s["disk_bytes"])
@@ -70,6 +80,7 @@ def render_html(
         f'<p class="sub">up {escape(format_duration(float(s["uptime"])))}'
         f" &#183; refreshes every {int(refresh)}&#160;s</p>",
         _usage_hint(host),
+        mirrors_html(mirrors, host) if host else "",
         '<div class="grid"><div>',
         "<h2>Requests</h2>",
         _table(
