@@ -348,7 +348,7 @@ class FreshReleaseTests(TestCase):
         refresh interval 1 s); demo-lib 2.0 is published; once a second has
         passed, three concurrent ``pip install --refresh-package demo-lib
         demo-lib==2.0`` succeed (pip then asks for the page with
-        ``max-age=0``; pip before 25 did on every page), the page revalidated
+        ``max-age=0``; older pips did on every page), the page revalidated
         upstream.  Without the refresh the cached page would not list 2.0 for
         an hour.  (That one interval allows one revalidation, however many
         clients ask, is pinned over a Clock in test_presets.)"""

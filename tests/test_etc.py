@@ -734,6 +734,12 @@ class CommentedTests(TestCase):
                 lines = _read(path).splitlines()
                 if lines and lines[0].startswith("#!"):
                     lines = lines[1:]
+                if name.endswith(".xml"):
+                    # XML: one <!-- ... --> block of several lines first.
+                    end = next(i for i, x in enumerate(lines) if "-->" in x)
+                    self.assertTrue(lines[0].startswith("<!--") and end >= 2, path)
+                    found.append(os.path.relpath(path, REPO_ROOT))
+                    continue
                 comments = [line for line in lines if line.startswith(("#", "//", ";"))]
                 self.assertTrue(
                     lines and lines[0] in comments and len(comments) >= 2,
@@ -741,3 +747,59 @@ class CommentedTests(TestCase):
                 )
                 found.append(os.path.relpath(path, REPO_ROOT))
         self.assertGreaterEqual(len(found), 12, found)
+
+
+class SysusersTests(TestCase):
+    """etc/systemd/sysusers.d/cachingproxy.conf: the system user, made the
+    way distributions make one, is the user the unit and the firewall name."""
+
+    CONF = ("systemd", "sysusers.d", "cachingproxy.conf")
+
+    def test_systemd_sysusers_makes_the_user(self) -> defer.Deferred[None]:
+        """``systemd-sysusers --root`` on a scratch root creates the
+        ``cachingproxy`` user and group: a system id, home
+        /var/cache/cachingproxy (the unit's cache), no login shell."""
+
+        async def check() -> None:
+            _need("systemd-sysusers")
+            root = os.path.abspath(self.mktemp())
+            os.makedirs(os.path.join(root, "etc"))
+            for name in ("passwd", "group", "shadow", "gshadow"):
+                with open(os.path.join(root, "etc", name), "w"):
+                    pass
+            await _ok(["systemd-sysusers", f"--root={root}", etc_path(*self.CONF)])
+            passwd = _read(os.path.join(root, "etc", "passwd")).splitlines()
+            (entry,) = [line.split(":") for line in passwd]
+            name, _, uid, gid, _, home, shell = entry
+            self.assertEqual(name, "cachingproxy")
+            self.assertLess(int(uid), 1000)
+            self.assertEqual(
+                (home, shell), ("/var/cache/cachingproxy", "/usr/sbin/nologin")
+            )
+            group = _read(os.path.join(root, "etc", "group")).split(":")
+            self.assertEqual((group[0], group[2]), ("cachingproxy", gid))
+
+        return run(check())
+
+    def test_same_user_everywhere(self) -> None:
+        """The unit's User=/Group=, the nftables ruleset's PROXY_USER and the
+        iptables script's default name the user the sysusers file makes, and
+        the unit's install steps use the sysusers file."""
+        users = [
+            line.split()[1]
+            for line in _read(etc_path(*self.CONF)).splitlines()
+            if line.startswith("u ")
+        ]
+        self.assertEqual(users, ["cachingproxy"])
+        settings = {
+            (s, k): v
+            for s, k, v in unit_entries(etc_path("systemd", "cachingproxy.service"))
+        }
+        self.assertEqual(settings["Service", "User"], users[0])
+        self.assertEqual(settings["Service", "Group"], users[0])
+        nft = _read(etc_path("nftables", "transparent.nft"))
+        self.assertIn(f'define PROXY_USER = "{users[0]}"', nft)
+        self.assertIn("[cachingproxy]", _read(etc_path("iptables", "transparent.sh")))
+        unit = _read(etc_path("systemd", "cachingproxy.service"))
+        self.assertIn("sysusers.d/cachingproxy.conf", unit)
+        self.assertNotIn("useradd", unit)
