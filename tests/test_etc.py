@@ -761,7 +761,7 @@ class SysusersTests(TestCase):
         /var/cache/cachingproxy (the unit's cache), no login shell."""
 
         async def check() -> None:
-            _need("systemd-sysusers")
+            need("systemd-sysusers")
             root = os.path.abspath(self.mktemp())
             os.makedirs(os.path.join(root, "etc"))
             for name in ("passwd", "group", "shadow", "gshadow"):
