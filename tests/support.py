@@ -1073,7 +1073,33 @@ class ChildServer(Child):
             waited += 0.05
 
 
-__all__ += ["ChildServer", "build_wheel", "client_env"]
+class Twistd(ChildServer):
+    """A ``twistd -n cachingproxy`` child on 127.0.0.1:``port``."""
+
+    def __init__(self, test: TestCase, cache_dir: str, *options: str) -> None:
+        self.cache_dir = cache_dir = os.path.abspath(cache_dir)
+        port = free_port()
+        cwd = test.mktemp()
+        os.makedirs(cwd)
+        argv = [
+            *TWISTD,
+            "-n",
+            "--pidfile=",
+            "cachingproxy",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--cache-dir",
+            cache_dir,
+            "--allow-upstream",
+            "127.0.0.1",
+            "--allow-client",
+            "127.0.0.1",
+            *options,
+        ]
+        super().__init__(test, argv, port, env=checkout_env(), path=cwd)
+
+
+__all__ += ["ChildServer", "Twistd", "build_wheel", "client_env"]
 
 
 # -- long-running children and network namespaces (etc/, netns, apt tests) -----

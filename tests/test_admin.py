@@ -31,6 +31,7 @@ from cachingproxy.ops import admin
 from cachingproxy.service import ProxyService
 
 from .support import (
+    Twistd,
     client,
     downloads_done,
     fetch,
@@ -43,7 +44,6 @@ from .support import (
     streaming,
     wait_for,
 )
-from .test_process import Twistd
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -31,13 +31,12 @@ from cachingproxy.config import Mirror
 
 from .support import (
     REPO_ROOT,
-    TWISTD,
     ChildServer,
     Origin,
     ProcessResult,
     StoppableOrigin,
+    Twistd,
     build_wheel,
-    checkout_env,
     client,
     client_env,
     curl,
@@ -1106,38 +1105,15 @@ class TwistdMirrorTests(TestCase):
         origin, oport = start_origin(self)
         serve_index(origin, {p: [w] for p, w in wheels.items()})
         base = f"http://127.0.0.1:{oport}/"
-        port = free_port()
-        cwd = os.path.abspath(self.mktemp())
-        os.makedirs(cwd)
-        log = os.path.join(cwd, "access.log")
-        proxy = ChildServer(
+        log = os.path.abspath(self.mktemp())
+        proxy = Twistd(
             self,
-            [
-                *TWISTD,
-                "-n",
-                "--pidfile=",
-                "cachingproxy",
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-                "--cache-dir",
-                os.path.join(cwd, "cache"),
-                "--allow-client",
-                "127.0.0.1",
-                "--allow-upstream",
-                "127.0.0.1",
-                "--mirror",
-                "pypi",
-                "--mirror",
-                f"/pypi/={base}",
-                "--access-log",
-                log,
-            ],
-            port,
-            env=checkout_env(),
-            path=cwd,
+            self.mktemp(),
+            *("--mirror", "pypi", "--mirror", f"/pypi/={base}"),
+            *("--access-log", log),
         )
         await proxy.wait_listening()
-        local = f"http://127.0.0.1:{port}/pypi/"
+        local = f"http://127.0.0.1:{proxy.port}/pypi/"
         dest = os.path.abspath(self.mktemp())
         result = await pip(
             "download", "--index-url", local + "simple/", "-d", dest, "demo-app"

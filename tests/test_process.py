@@ -18,8 +18,8 @@ from twisted.trial.unittest import TestCase
 from .support import (
     NOT_DONE_YET,
     TWISTD,
-    ChildServer,
     ProcessResult,
+    Twistd,
     checkout_env,
     curl,
     free_port,
@@ -48,32 +48,6 @@ SPEC_OPTIONS = (
     "--config",
 )
 """Options SPEC section 1 names that ``--help`` must list."""
-
-
-class Twistd(ChildServer):
-    """A ``twistd -n cachingproxy`` child on 127.0.0.1:``port``."""
-
-    def __init__(self, test: TestCase, cache_dir: str, *options: str) -> None:
-        self.cache_dir = cache_dir = os.path.abspath(cache_dir)
-        port = free_port()
-        cwd = test.mktemp()
-        os.makedirs(cwd)
-        argv = [
-            *TWISTD,
-            "-n",
-            "--pidfile=",
-            "cachingproxy",
-            "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--cache-dir",
-            cache_dir,
-            "--allow-upstream",
-            "127.0.0.1",
-            "--allow-client",
-            "127.0.0.1",
-            *options,
-        ]
-        super().__init__(test, argv, port, env=checkout_env(), path=cwd)
 
 
 def _read(path: str) -> bytes:

@@ -26,6 +26,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent
 
 from .support import (
     NOT_DONE_YET,
+    Twistd,
     checkout_env,
     fetch,
     parse_raw_response,
@@ -36,7 +37,6 @@ from .support import (
     start_origin,
     wait_for,
 )
-from .test_process import Twistd
 
 WORKER_MODULE = b"cachingproxy.workers.worker"
 
