@@ -23,7 +23,7 @@ from cachingproxy.fetch.upstream import pairs_from_headers
 from cachingproxy.front import methods
 from cachingproxy.front.auth import ProxyAuth, send_auth_required
 from cachingproxy.front.exchange import Exchange
-from cachingproxy.front.limits import client_allowed
+from cachingproxy.front.limits import AllowedClients
 from cachingproxy.front.origdst import original_destination
 from cachingproxy.front.responses import abort, client_gone, send_error
 from cachingproxy.front.routing import BadRequest, Listener, RouteKind, classify
@@ -87,6 +87,7 @@ class Proxy:
         (its pages and mirrors) and those inside an intercepted tunnel (whose
         CONNECT was checked) needs Proxy-Authorization."""
         self._config = config
+        self._allowed_clients = AllowedClients(config.allow_client)
         self.store = store
         self.upstream = upstream
         self.clock = clock
@@ -161,6 +162,7 @@ class Proxy:
         """Replace the configuration (tests set ports known only once
         listening); the narrow surface handed to other parts follows."""
         self._config = config
+        self._allowed_clients = AllowedClients(config.allow_client)
         self.surface = self._surface()
 
     # -- entry point -----------------------------------------------------------
@@ -249,7 +251,7 @@ class Proxy:
     # -- checks ----------------------------------------------------------------
 
     def _client_allowed(self, host: str) -> bool:
-        return client_allowed(host, self.config.allow_client)
+        return self._allowed_clients(host)
 
     def _is_loop(self, request: Request) -> bool:
         for value in request.requestHeaders.getRawHeaders(b"via", []):

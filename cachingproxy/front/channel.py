@@ -87,6 +87,7 @@ class Channel(HTTPChannel):
     _receiving = 0
     """dataReceived calls in progress (requestDone re-enters it)."""
     _host: Any = None
+    _peer: Any = None
     _gate_pending = False
     """The head gate is checking credentials: reading is paused."""
     _content_waiting = False
@@ -109,13 +110,19 @@ class Channel(HTTPChannel):
         self._start_head_timer()
 
     def getHost(self) -> Any:  # noqa: N802
-        # Asked for by every request (twisted.web's Request keeps it); the
-        # local address of a connection does not change, so one
-        # getsockname() serves them all.
+        # Asked for by every request (twisted.web's Request keeps it, the
+        # head gate checks it); the addresses of a connection do not
+        # change, so one getsockname() (and one address object) serves all.
         host = self._host
         if host is None:
             host = self._host = super().getHost()
         return host
+
+    def getPeer(self) -> Any:  # noqa: N802
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
 
     def take_over(self, protocol: Any) -> None:
         """Hand the connection to ``protocol`` (after a CONNECT's 200): no
@@ -205,8 +212,7 @@ class Channel(HTTPChannel):
         gate = self.site.gate
         if gate is None or not self.requests:
             return None
-        peer = self.transport.getPeer()  # type: ignore[union-attr]
-        local = self.transport.getHost()  # type: ignore[union-attr]
+        peer, local = self.getPeer(), self.getHost()
         return gate.check(
             getattr(peer, "host", None),
             (getattr(local, "host", ""), getattr(local, "port", 0)),

@@ -11,9 +11,6 @@ checks the same things again; the gate only refuses earlier.
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable
-
 from attrs import frozen
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
@@ -21,6 +18,7 @@ from twisted.web.http_headers import Headers
 from cachingproxy.cache import headers as H
 from cachingproxy.config import Network
 from cachingproxy.front.auth import CHALLENGE, ProxyAuth
+from cachingproxy.front.limits import AllowedClients, client_allowed
 from cachingproxy.front.routing import BadRequest, Listener, RouteKind, classify
 
 MAX_REQUEST_BODY = 2 * 1024**3
@@ -35,17 +33,6 @@ class Refusal:
     status: int
     message: str
     headers: tuple[tuple[str, str], ...] = ()
-
-
-def client_allowed(host: str, allowed: Iterable[Network]) -> bool:
-    """Whether a client at address ``host`` is inside ``--allow-client``."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in allowed)
 
 
 def declared_too_large(headers: Headers, limit: int = MAX_REQUEST_BODY) -> bool:
@@ -65,7 +52,7 @@ class HeadGate:
         auth: ProxyAuth | None,
         names: frozenset[str],
     ) -> None:
-        self._allow_client = allow_client
+        self._allowed = AllowedClients(allow_client)
         self._auth = auth
         self._names = names
 
@@ -80,7 +67,7 @@ class HeadGate:
     ) -> Refusal | defer.Deferred[Refusal | None] | None:
         """A Refusal, None to read the body, or a Deferred of either (a
         password check in progress)."""
-        if client is not None and not client_allowed(client, self._allow_client):
+        if client is not None and not self._allowed(client):
             return Refusal(403, "client not allowed")
         if declared_too_large(headers):
             return Refusal(413, "request body too large")

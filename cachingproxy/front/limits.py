@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from functools import lru_cache
+from collections.abc import Iterable
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IReactorTime
+
+from cachingproxy.config import Network
 
 
 def client_key(address: IAddress | None) -> str | None:
@@ -31,20 +33,35 @@ def client_key(address: IAddress | None) -> str | None:
     return str(ip)
 
 
-@lru_cache(maxsize=1024)
-def client_allowed(
-    host: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-) -> bool:
+def client_allowed(host: str, networks: Iterable[Network]) -> bool:
     """Whether the client address ``host`` is in ``networks``
-    (``--allow-client``); IPv4-mapped IPv6 addresses count as IPv4.
-    Remembered: a connection's requests all ask the same."""
+    (``--allow-client``); IPv4-mapped IPv6 addresses count as IPv4."""
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in net for net in networks)
+
+
+class AllowedClients:
+    """``--allow-client`` with the answer for each address remembered: every
+    request of a connection asks the same, twice (at its head and on the
+    request path)."""
+
+    def __init__(self, networks: Iterable[Network], remembered: int = 4096) -> None:
+        self._networks = tuple(networks)
+        self._remembered = remembered
+        self._known: dict[str, bool] = {}
+
+    def __call__(self, host: str) -> bool:
+        known = self._known.get(host)
+        if known is None:
+            if len(self._known) >= self._remembered:
+                self._known.clear()
+            known = self._known[host] = client_allowed(host, self._networks)
+        return known
 
 
 class ConnectionLimiter:
