@@ -5,6 +5,7 @@ pages or CONNECT; logs it when it is over."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -266,18 +267,23 @@ class Proxy:
     def purge_url(self, url: str) -> defer.Deferred[int]:
         """Drop every variant of ``url``, including one being downloaded,
         and the rewritten forms of a mirrored document (keyed ``url#…``)."""
-        self.downloads.purge(lambda u: u == url)
-        return defer.Deferred.fromCoroutine(self._purge_url(url))
+        return defer.Deferred.fromCoroutine(
+            self.downloads.purge(lambda u: u == url, partial(self._remove_url, url))
+        )
 
-    async def _purge_url(self, url: str) -> int:
+    async def _remove_url(self, url: str) -> int:
         count = await self.store.remove(url)
         await self.store.remove_prefix(url + "#")
         return count
 
     def purge_prefix(self, prefix: str) -> defer.Deferred[int]:
         """Drop every entry whose URL starts with ``prefix``."""
-        self.downloads.purge(lambda u: u.startswith(prefix))
-        return self.store.remove_prefix(prefix)
+        return defer.Deferred.fromCoroutine(
+            self.downloads.purge(
+                lambda u: u.startswith(prefix),
+                lambda: self.store.remove_prefix(prefix),
+            )
+        )
 
     def intercepts(self, host: str) -> bool:
         """Whether CONNECTs to ``host`` are intercepted (--intercept)."""

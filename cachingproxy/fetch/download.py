@@ -124,6 +124,8 @@ class Download:
         self.failure: Failure | None = None
         self.entry: StoredResponse | None = None
         self.started_at = clock.seconds()
+        self._head_at: float | None = None
+        self._purger_waits = False
 
     # -- public ----------------------------------------------------------------
 
@@ -212,6 +214,17 @@ class Download:
         if self.entry is not None:
             self._drop_entry(self.entry)
 
+    def purge_waiting(self) -> defer.Deferred[None] | None:
+        """Purge, but when the body is complete and its commit under way,
+        leave the entry to the caller: the Deferred returned fires once the
+        commit is over, and the caller then removes what it stored."""
+        if self.body_complete and self.failure is None and self.entry is None:
+            self._purger_waits = True
+            self.purge()
+            return self.finished()
+        self.purge()
+        return None
+
     def _drop_entry(self, stored: StoredResponse) -> None:
         """Drop the entry this download made; a failure (the store closing
         at shutdown, say) is logged, never left unhandled."""
@@ -220,6 +233,23 @@ class Download:
             lambda f: _log.warn(
                 "could not drop purged {url}: {e}", url=stored.url, e=f.value
             )
+        )
+
+    def head_entry(self) -> StoredResponse | None:
+        """The entry this download's response would make if it were stored
+        now (None before a storable head): what a client that wants to join
+        it is checked against."""
+        if getattr(self, "_head_at", None) is None:
+            return None  # no head yet (or a RemoteDownload: its own worker checks)
+        now = self._clock.seconds()
+        return StoredResponse(
+            url=self.url,
+            variant=self.variant,
+            vary=self.vary,
+            status=self._status,
+            headers=tuple(self._headers),
+            stored_at=now,
+            initial_age=corrected_age(self._headers, self.started_at, now),
         )
 
     def read(self, reader: IPartialReader, offset: int, length: int) -> bytes:
@@ -387,6 +417,7 @@ class Download:
         self.variant = policy.variant_of(vary, self._client_headers)
         self.total = length
         self._status, self._headers = status, headers
+        self._head_at = self._clock.seconds()
         self._decide(Outcome(OutcomeKind.STREAM, status, phrase, tuple(headers)))
         self._receiver = _BodyReceiver(self, self._clock, self._settings.read_timeout)
         response.deliverBody(self._receiver)
@@ -478,7 +509,8 @@ class Download:
         def committed(stored: StoredResponse) -> defer.Deferred[None] | None:
             self.entry = stored
             if self.purged:
-                self._drop_entry(stored)
+                if not self._purger_waits:  # else the purger removes it
+                    self._drop_entry(stored)
                 return None
             trimmed = variants.trim(self._store, stored)  # at most MAX_VARIANTS
             return trimmed.addCallback(lambda _: None)

@@ -7,14 +7,14 @@ fetch its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 import attrs
 from twisted.internet import defer
 
 from cachingproxy.cache import policy
-from cachingproxy.cache.entry import Header
+from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.fetch.download import Download
 from cachingproxy.fetch.outcomes import Outcome, OutcomeKind
 
@@ -33,6 +33,20 @@ class PassingThrough:
 
     def received(self, n: int) -> None:
         self.bytes_written += n
+
+
+def _reusable(download: Download, outcome: Outcome, may_reuse: Reusable) -> Outcome:
+    """``outcome`` for a client joining ``download``, or RETRY when the
+    client may not reuse the response it brings (SPEC 5)."""
+    if outcome.kind is OutcomeKind.STREAM:
+        entry = download.head_entry()
+    elif outcome.kind is OutcomeKind.NOT_MODIFIED:
+        entry = outcome.entry
+    else:
+        return outcome
+    if entry is not None and not may_reuse(entry):
+        return _RETRY
+    return outcome
 
 
 def usable(
@@ -78,6 +92,11 @@ class Across(Protocol):
         """Downloads in other workers whose URL ``matches`` store nothing."""
 
 
+Reusable = Callable[[StoredResponse], bool]
+"""Whether a client may be served a response (as the entry it would make)
+without asking upstream: the same checks as for a stored entry."""
+
+
 class Downloads:
     """The downloads in flight, by normalised URL (for coalescing and status)."""
 
@@ -89,35 +108,90 @@ class Downloads:
         self._variants: dict[tuple[str, str], Download] = {}
         """Downloads of other variants of a URL, by (url, variant under the
         Vary of the URL's first download), so their clients share them too."""
+        self._running: set[Download] = set()
+        """Every download until it is over, joinable or not (for purges)."""
+        self._purges: list[tuple[Callable[[str], bool], defer.Deferred[None]]] = []
+        """Purges under way: the keys they mark, and when they are over."""
 
     async def obtain(
         self,
         url: str,
         client_headers: list[Header],
         new: Callable[[], Download],
-    ) -> tuple[Download, Outcome]:
-        """The download a client follows and what it means for it: the one
-        in flight for ``url`` when the client may use its response, else one
-        of its own (``new``, shared with the clients of the same variant)."""
+        may_reuse: Reusable,
+        *,
+        handover: bool = True,
+    ) -> tuple[Download, Outcome] | None:
+        """The download a client follows and what it means for it.
+
+        The client joins the download in flight for ``url`` when it may use
+        its response (``may_reuse``, the checks a stored entry gets, and the
+        right variant); otherwise it gets one of its own (``new``), shared
+        with later clients of the same variant.  None when the download in
+        flight has its whole body (with ``handover``): it is being stored,
+        and the client is served from that entry once it is committed --
+        look it up again."""
         download = self.get(url)
-        if download is None:
+        joined = download is not None and not download.purged
+        if download is None or not joined:
             download = self._start_shared(url, new)
+        elif handover and download.body_complete and download.failure is None:
+            await download.finished()
+            return None
         outcome = await self.wait(download, client_headers)
+        if joined:
+            outcome = _reusable(download, outcome, may_reuse)
         if outcome.kind is not OutcomeKind.RETRY:
             return download, outcome
-        # Another variant (or a passthrough another client took): the
-        # clients of one variant share one download of it.
+        # Another variant (or a passthrough another client took, or a
+        # response this client may not reuse): the clients of one variant
+        # share one download of it.
         variant = policy.variant_of(download.vary, client_headers)
         sibling = self.get_variant(url, variant) if download.vary else None
-        if sibling is not None:
-            outcome = await self.wait(sibling, client_headers)
-        if sibling is None or outcome.kind is OutcomeKind.RETRY:
+        if sibling is not None and not sibling.purged:
+            outcome = _reusable(
+                sibling, await self.wait(sibling, client_headers), may_reuse
+            )
+        if sibling is None or sibling.purged or outcome.kind is OutcomeKind.RETRY:
             sibling = new()
             if download.vary:
                 self.add_variant(sibling, variant)
             self._start(sibling, shared=False)
             outcome = await self.wait(sibling, client_headers)
         return sibling, outcome
+
+    def purging(self, url: str) -> defer.Deferred[None] | None:
+        """Fires when the purges marking ``url`` are over (None: there are
+        none): nothing is served from the store for a key being purged."""
+        pending = [d for matches, d in self._purges if matches(url)]
+        if not pending:
+            return None
+        return defer.gatherResults(pending).addCallback(lambda _: None)
+
+    async def purge(
+        self, matches: Callable[[str], bool], remove: Callable[[], Awaitable[int]]
+    ) -> int:
+        """Purge the keys ``matches`` accepts: no download in flight for them
+        (in any worker) commits; one committing is waited for; then ``remove`` drops what is
+        stored (its count is returned).  Requests for those keys wait until
+        the purge is over."""
+        over: defer.Deferred[None] = defer.Deferred()
+        mark = (matches, over)
+        self._purges.append(mark)
+        try:
+            committing = [
+                d
+                for download in list(self._running)
+                if matches(download.url) and (d := download.purge_waiting()) is not None
+            ]
+            if self.across is not None:
+                self.across.mark_purged(matches)  # in the other workers
+            for d in committing:
+                await d
+            return await remove()
+        finally:
+            self._purges.remove(mark)
+            over.callback(None)
 
     def wait(
         self, download: Download, client_headers: Iterable[Header]
@@ -136,21 +210,16 @@ class Downloads:
         download = self.across.download(
             url, lambda: self._start(new(), shared=True), self.remove
         )
-        if self.get(url) is None:
+        current = self.get(url)
+        if current is None or current.purged:
             self.add(download)
         return download
-
-    def purge(self, matches: Callable[[str], bool]) -> None:
-        """Downloads in flight (in any worker) whose URL ``matches`` leave no
-        entry behind."""
-        for download in self.matching(matches):
-            download.purge()
-        if self.across is not None:
-            self.across.mark_purged(matches)
 
     def _start(self, download: Download, *, shared: bool) -> Download:
         if shared:
             self.add(download)
+        else:
+            self._running.add(download)
         download.start()
         return download
 
@@ -166,20 +235,19 @@ class Downloads:
         )
         return unique + list(self.passing)
 
-    def matching(self, predicate: Callable[[str], bool]) -> list[Download]:
-        """The shared downloads in flight whose URL satisfies ``predicate``."""
-        return [d for d in self.all() if isinstance(d, Download) and predicate(d.url)]
-
     def add(self, download: Download) -> None:
         self.in_flight[download.url] = download
+        self._running.add(download)
 
     def get_variant(self, url: str, variant: str) -> Download | None:
         return self._variants.get((url, variant))
 
     def add_variant(self, download: Download, variant: str) -> None:
         self._variants[(download.url, variant)] = download
+        self._running.add(download)
 
     def remove(self, download: Download) -> None:
+        self._running.discard(download)
         if self.in_flight.get(download.url) is download:
             del self.in_flight[download.url]
         for key in [k for k, d in self._variants.items() if d is download]:

@@ -6,6 +6,8 @@ Nothing here touches a client request: the sender writes the plan.
 
 from __future__ import annotations
 
+from functools import partial
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -15,7 +17,13 @@ from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.status import CacheStatus
 from cachingproxy.config import ProxyConfig, Rule
 from cachingproxy.fetch.download import Download, FetchSettings
-from cachingproxy.fetch.outcomes import Discard, OutcomeKind, describe, error_status
+from cachingproxy.fetch.outcomes import (
+    Discard,
+    Outcome,
+    OutcomeKind,
+    describe,
+    error_status,
+)
 from cachingproxy.fetch.sharing import Downloads
 from cachingproxy.handler.forward import Forwarder, upstream_via
 from cachingproxy.handler.plan import (
@@ -32,6 +40,11 @@ from cachingproxy.mirror.rewrite import Digest
 from cachingproxy.ops.stats import Stats
 
 _log = Logger()
+
+_LOOKUPS = 3
+"""Store lookups for one request: a download that completes hands its
+clients over to the entry it is committing; after the last one, a client
+follows such a download instead of waiting again."""
 
 # Request headers never sent upstream on the cached path: the proxy makes
 # its own conditional and range requests.
@@ -97,35 +110,69 @@ class CachedPath:
         against ``expected``, a digest an index published);
         ``client_freshness`` False ignores the client's request for a fresh
         copy (documents fetched to be merged)."""
+
+        def may_reuse(response: StoredResponse) -> bool:
+            # Under ``origin``, a response in flight gets the checks a
+            # stored one gets; other rules count their TTL from storing.
+            return rule.ttl is not None or self._reusable(
+                rule,
+                response,
+                client_headers,
+                self._clock.seconds(),
+                client_freshness,
+            )
+
+        for attempt in range(_LOOKUPS):
+            pending = self._downloads.purging(url)
+            if pending is not None:
+                await pending  # nothing a purge is dropping is served
+            entry = policy.select_variant(await self._store.lookup(url), client_headers)
+            entry = await verify.checked(self._store, entry, expected)  # D8
+            now = self._clock.seconds()
+            if entry is not None:
+                if self._reusable(rule, entry, client_headers, now, client_freshness):
+                    return ServeEntry(entry, CacheStatus.HIT)
+                if self._config.offline:
+                    return ServeEntry(entry, CacheStatus.OFFLINE)
+            elif self._config.offline:
+                return Fail(504, "not cached and --offline", CacheStatus.OFFLINE)
+            if policy.only_if_cached(client_headers):
+                return Fail(504, "not cached (only-if-cached)", CacheStatus.MISS)
+            if head and entry is None:
+                return await self._forwarder.forward(
+                    url, "HEAD", client_headers, None, CacheStatus.MISS
+                )
+
+            got = await self._downloads.obtain(
+                url,
+                client_headers,
+                partial(
+                    self._new_download,
+                    url,
+                    rule,
+                    client_headers,
+                    entry,
+                    target,
+                    expected,
+                ),
+                may_reuse,
+                handover=attempt < _LOOKUPS - 1,
+            )
+            if got is not None:
+                return self._outcome_plan(url, rule, entry, *got)
+        raise AssertionError("obtain hands over only before the last lookup")
+
+    def _outcome_plan(
+        self,
+        url: str,
+        rule: Rule,
+        entry: StoredResponse | None,
+        download: Download,
+        outcome: Outcome,
+    ) -> Plan:
+        """What a download's outcome means for the client (``entry``: the
+        stale entry it revalidated, if any)."""
         config = self._config
-        entry = policy.select_variant(await self._store.lookup(url), client_headers)
-        entry = await verify.checked(self._store, entry, expected)  # D8
-        now = self._clock.seconds()
-        if entry is not None:
-            fresh = policy.is_fresh(
-                rule, entry, now, config.index_ttl, config.negative_ttl
-            )
-            if fresh and not (
-                client_freshness and self._wants_fresh(rule, entry, client_headers, now)
-            ):
-                return ServeEntry(entry, CacheStatus.HIT)
-            if config.offline:
-                return ServeEntry(entry, CacheStatus.OFFLINE)
-        elif config.offline:
-            return Fail(504, "not cached and --offline", CacheStatus.OFFLINE)
-        if policy.only_if_cached(client_headers):
-            return Fail(504, "not cached (only-if-cached)", CacheStatus.MISS)
-        if head and entry is None:
-            return await self._forwarder.forward(
-                url, "HEAD", client_headers, None, CacheStatus.MISS
-            )
-        download, outcome = await self._downloads.obtain(
-            url,
-            client_headers,
-            lambda: self._new_download(
-                url, rule, client_headers, entry, target, expected
-            ),
-        )
         if outcome.kind is OutcomeKind.STREAM:
             # A body that is complete but not yet committed is already ours.
             cache = CacheStatus.HIT if download.body_complete else CacheStatus.MISS
@@ -172,20 +219,28 @@ class CachedPath:
         status, message = error_status(outcome)
         return Fail(status, message, CacheStatus.MISS)
 
-    def _wants_fresh(
+    def _reusable(
         self,
         rule: Rule,
         entry: StoredResponse,
         client_headers: list[Header],
         now: float,
+        client_freshness: bool,
     ) -> bool:
-        """Whether the client's request for a fresh copy makes a fresh
-        ``entry`` go upstream: under ``origin`` always, under a metadata
-        rule at most once per ``--index-refresh``."""
-        return policy.request_wants_revalidation(
-            rule, client_headers, policy.current_age(entry, now)
-        ) or policy.index_refresh_due(
-            rule, entry, client_headers, now, self._config.index_refresh
+        """Whether ``entry`` may be served without asking upstream: fresh,
+        and the client did not ask for a fresher one (under ``origin``
+        always honoured, under a metadata rule at most once per
+        ``--index-refresh``; not at all without ``client_freshness``)."""
+        config = self._config
+        if not policy.is_fresh(rule, entry, now, config.index_ttl, config.negative_ttl):
+            return False
+        return not client_freshness or not (
+            policy.request_wants_revalidation(
+                rule, client_headers, policy.current_age(entry, now)
+            )
+            or policy.index_refresh_due(
+                rule, entry, client_headers, now, config.index_refresh
+            )
         )
 
     def _new_download(
