@@ -235,6 +235,10 @@ class Downloads:
         )
         return unique + list(self.passing)
 
+    def matching(self, predicate: Callable[[str], bool]) -> list[Download]:
+        """The shared downloads in flight whose URL satisfies ``predicate``."""
+        return [d for d in self.all() if isinstance(d, Download) and predicate(d.url)]
+
     def add(self, download: Download) -> None:
         self.in_flight[download.url] = download
         self._running.add(download)
