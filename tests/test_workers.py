@@ -559,3 +559,20 @@ class SharedCacheTests(TestCase):
         status = json.loads(raw)
         self.assertLessEqual(status["disk_bytes"], 1024 * 1024)
         self.assertEqual(status["max_size"], 1024 * 1024)
+
+
+class SharedDigestsTests(TestCase):
+    """Published digests one worker saw are known to the others."""
+
+    def test_seen_by_another_connection(self) -> None:
+        from cachingproxy.workers.digests import SharedDigests
+
+        path = os.path.join(self.mktemp() + ".sqlite")
+        one, two = SharedDigests(path), SharedDigests(path)
+        self.addCleanup(one.close)
+        self.addCleanup(two.close)
+        self.assertIsNone(two.get("http://x.test/a.whl"))
+        one.add({"http://x.test/a.whl": ("sha256", "ab" * 32)})
+        self.assertEqual(two.get("http://x.test/a.whl"), ("sha256", "ab" * 32))
+        one.add({"http://x.test/a.whl": ("md5", "cd" * 16)})
+        self.assertEqual(two.get("http://x.test/a.whl"), ("md5", "cd" * 16))

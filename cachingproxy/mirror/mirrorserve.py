@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from typing import Protocol
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -68,6 +69,8 @@ class MirrorService:
         self.digests: OrderedDict[str, Digest] = OrderedDict()
         """Digests published by index documents served, by the cache key of
         the file they describe (bounded, oldest dropped)."""
+        self.shared_digests: SharedDigestsLike | None = None
+        """Set in a worker process: digests the other workers saw (SPEC 11)."""
         self._rendered = RenderedDocuments(store, clock, self._remember, table)
 
     def match(self, path: str) -> MirrorMatch | None:
@@ -126,7 +129,7 @@ class MirrorService:
                     client_headers,
                     target,
                     head=method == "HEAD",
-                    expected=self.digests.get(url),
+                    expected=self._digest(url),
                 )
         await self._sender.send(request, plan, info, client_headers, rewrite)
 
@@ -186,12 +189,27 @@ class MirrorService:
             self._protocol_rules[protocol] = rules
         return rules
 
+    def _digest(self, url: str) -> Digest | None:
+        digest = self.digests.get(url)
+        if digest is None and self.shared_digests is not None:
+            digest = self.shared_digests.get(url)
+        return digest
+
     def _remember(self, digests: dict[str, Digest]) -> None:
+        if self.shared_digests is not None:
+            self.shared_digests.add(digests)
         for url, digest in digests.items():
             self.digests[url] = digest
             self.digests.move_to_end(url)
         while len(self.digests) > _MAX_DIGESTS:
             self.digests.popitem(last=False)
+
+
+class SharedDigestsLike(Protocol):
+    """Published digests shared with other worker processes."""
+
+    def add(self, digests: dict[str, Digest]) -> None: ...
+    def get(self, url: str) -> Digest | None: ...
 
 
 def local_root(request: Request) -> str:

@@ -136,6 +136,9 @@ class Supervisor(Service):
             shutil.rmtree(path, ignore_errors=True)
             os.makedirs(path, exist_ok=True)
         create_table(run_dir(config.cache_dir, "balance"), self.count)
+        for stale in ("digests.sqlite", "digests.sqlite-wal", "digests.sqlite-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(run_dir(config.cache_dir, stale))
 
     def _environment(self) -> dict[str, str]:
         env = {

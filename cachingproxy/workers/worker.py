@@ -25,6 +25,7 @@ from cachingproxy.service import ProxyService
 from cachingproxy.workers import lifeline, run_dir
 from cachingproxy.workers.balance import Balancer
 from cachingproxy.workers.coordination import SharedDownloads
+from cachingproxy.workers.digests import SharedDigests
 from cachingproxy.workers.sockets import AdoptedEndpoint, Bound
 
 
@@ -76,6 +77,8 @@ class WorkerService(ProxyService):
         super().startService()
         assert self.proxy is not None
         self.proxy.downloads.across = self.shared
+        self.digests = SharedDigests(run_dir(self.config.cache_dir, "digests.sqlite"))
+        self.proxy.mirrors.shared_digests = self.digests
         site = self.site
         self.balancer = Balancer(
             run_dir(self.config.cache_dir, "balance"),
