@@ -25,7 +25,16 @@ and measures, each figure next to the same thing fetched directly:
    (request coalescing: 1 is right);
 5. the proxy's peak RSS while 20 clients read one 1 GiB file at once, cold
    and then warm; PASS under 150 MB (10^6 bytes), from polling ``VmRSS`` and
-   the kernel's own ``VmHWM`` high-water mark.
+   the kernel's own ``VmHWM`` high-water mark (summed over the supervisor and
+   its workers under ``--workers``);
+6. end to end: 8 concurrent ``pip install`` processes of the same 20 wheels
+   (``bench_pip.py``'s PEP 503 origin, unthrottled) through a ``--mirror``
+   whose cache is warm, wall time for all 8 (the direct column: the same 8
+   against the origin itself).
+
+Every figure is taken once per ``--workers`` setting (default ``1`` and
+``auto``), each with a fresh proxy and cache, and a last table puts the
+settings side by side.
 
 Proxy requests use the transparent form (origin-form with ``Host:`` naming
 the origin) for wrk and absolute-form (``http_proxy`` style) elsewhere.  MB
@@ -56,6 +65,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_pip  # noqa: E402  (bench/ is not a package)
+
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 RSS_LIMIT_MB = 150.0
 TWISTD = (
@@ -327,6 +339,33 @@ def proc_status_kb(pid: int, field_name: str) -> int:
     raise SystemExit(f"no {field_name} in /proc/{pid}/status")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its children (a supervisor's workers)."""
+    found = [pid]
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found.append(int(name))
+    return found
+
+
+def tree_status_kb(pid: int, field_name: str) -> int:
+    """``field_name`` (VmRSS, VmHWM) summed over ``pid`` and its children."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            total += proc_status_kb(member, field_name)
+        except (OSError, SystemExit):
+            continue
+    return total
+
+
 @dataclass
 class RssSampler:
     """Polls a process's VmRSS every 10 ms in a thread; ``peak_kb`` is the max."""
@@ -344,7 +383,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, proc_status_kb(self.pid, "VmRSS"))
+            self.peak_kb = max(self.peak_kb, tree_status_kb(self.pid, "VmRSS"))
             self.samples += 1
             self._stop.wait(0.01)
 
@@ -439,10 +478,13 @@ def _tally(kinds: collections.Counter[str]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
 
 
-def run(sizes: Sizes, work: str, force_python: bool) -> list[Row]:
+def run(sizes: Sizes, work: str, force_python: bool, workers: str) -> list[Row]:
     rows: list[Row] = []
     root = os.path.join(work, "origin")
     os.makedirs(root)
+    wheel_dir = os.path.join(work, "wheels")
+    os.makedirs(wheel_dir)
+    projects = bench_pip.build_wheels(wheel_dir, PIP_WHEELS, PIP_WHEEL_SIZE)
     print(f"== writing test files under {work}")
     make_file(os.path.join(root, "small.whl"), sizes.small)
     make_file(os.path.join(root, "large.whl"), sizes.large)
@@ -474,6 +516,19 @@ def run(sizes: Sizes, work: str, force_python: bool) -> list[Row]:
                 )
             )
         wait_listening(procs[-1], oport, origin_log)
+        iport = free_port()
+        index_args = ["--serve-origin", wheel_dir, str(iport), "1e12", "0"]
+        with open(origin_log, "ab") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, bench_pip.__file__, *index_args],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=work,
+                )
+            )
+        index_proc = procs[-1]
+        wait_listening(index_proc, iport, origin_log)
         proxy_log = os.path.join(work, "proxy.log")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
@@ -489,6 +544,7 @@ def run(sizes: Sizes, work: str, force_python: bool) -> list[Row]:
         argv += ["cachingproxy", "--listen", f"tcp:{pport}:interface=127.0.0.1"]
         argv += ["--cache-dir", os.path.join(work, "cache")]
         argv += ["--allow-upstream", "127.0.0.1", "--allow-client", "127.0.0.1"]
+        argv += ["--mirror", f"/pypi/=http://127.0.0.1:{iport}/", "--workers", workers]
         procs.append(
             subprocess.Popen(
                 argv,
@@ -612,7 +668,7 @@ def run(sizes: Sizes, work: str, force_python: bool) -> list[Row]:
                 elapsed = time.monotonic() - started
             ok = sum(1 for s, _, n in results if s == 200 and n == sizes.huge)
             kinds = collections.Counter(c for _, c, _ in results)
-            hwm = proc_status_kb(proxy_proc.pid, "VmHWM") * 1024 / 1e6
+            hwm = tree_status_kb(proxy_proc.pid, "VmHWM") * 1024 / 1e6
             peak = sampler.peak_kb * 1024 / 1e6
             worst = max(hwm, peak)
             rows.append(
@@ -633,9 +689,60 @@ def run(sizes: Sizes, work: str, force_python: bool) -> list[Row]:
                     if fetch(proxy, "/huge.whl", method="HEAD")[1] == "HIT":
                         break
                     time.sleep(0.2)
+        # 6. end to end: concurrent pip installs from a warm mirror
+        print(
+            f"== {PIP_CONCURRENT} concurrent pip installs of {PIP_WHEELS} wheels, warm"
+        )
+        mirror = ["--index-url", f"http://127.0.0.1:{pport}/pypi/simple/"]
+        direct_index = ["--index-url", f"http://127.0.0.1:{iport}/simple/"]
+        bench_pip.pip_install(work, projects, *mirror)  # warms the cache
+        time.sleep(0.5)
+        direct_pip = concurrent_pips(work, projects, direct_index)
+        index_proc.send_signal(signal.SIGTERM)  # every later request is a HIT
+        index_proc.wait(timeout=10)
+        proxy_pip = concurrent_pips(work, projects, mirror)
+        rows.append(
+            (
+                f"{PIP_CONCURRENT} x pip install {PIP_WHEELS} wheels, warm, s",
+                f"{proxy_pip:.2f}",
+                f"{direct_pip:.2f}",
+                f"{proxy_pip / direct_pip:.2f}",
+                f"wall time until all {PIP_CONCURRENT} pip processes ended"
+                f" (--no-cache-dir, --target); wheels of"
+                f" {human(PIP_WHEEL_SIZE)} payload; origin stopped during the"
+                " proxy run; direct = the unthrottled index itself",
+            )
+        )
         if proxy_proc.poll() is not None:
             raise SystemExit(f"the proxy died:\n{tail(proxy_log)}")
     return rows
+
+
+PIP_WHEELS = 20
+PIP_WHEEL_SIZE = 200 * KiB
+PIP_CONCURRENT = 8
+
+
+def concurrent_pips(work: str, projects: list[str], index: list[str]) -> float:
+    """Wall time of ``PIP_CONCURRENT`` pip installs started together."""
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            bench_pip.pip_install(work, projects, *index)
+        except BaseException as e:  # SystemExit from a failed pip
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(PIP_CONCURRENT)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(900)
+    elapsed = time.monotonic() - started
+    if errors:
+        raise SystemExit(f"pip failed: {errors[0]}")
+    return elapsed
 
 
 def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
@@ -672,28 +779,61 @@ def main() -> None:
         action="store_true",
         help="use the Python clients even when wrk and curl are installed",
     )
+    parser.add_argument(
+        "--workers",
+        default="1,auto",
+        help="comma-separated --workers settings to measure [default: 1,auto]",
+    )
     parser.add_argument("--serve-origin", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_origin:
         serve_origin(args.serve_origin[0], int(args.serve_origin[1]))
         return
     sizes = QUICK if args.quick else DEFAULT
-    work = tempfile.mkdtemp(prefix="cachingproxy-bench-")
-    started = time.monotonic()
-    try:
-        rows = run(sizes, work, args.python_clients)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     import twisted
 
-    title = (
-        f"cachingproxy benchmark ({'--quick' if args.quick else 'default sizes'};"
-        f" {os.cpu_count()} CPUs; Python {sys.version.split()[0]};"
-        f" Twisted {twisted.__version__}; {time.monotonic() - started:.0f} s)"
-    )
-    print_table(rows, title)
-    if any(row[3] == "FAIL" for row in rows):
+    failed = False
+    results: dict[str, list[Row]] = {}
+    for workers in [w.strip() for w in args.workers.split(",") if w.strip()]:
+        work = tempfile.mkdtemp(prefix="cachingproxy-bench-")
+        started = time.monotonic()
+        try:
+            rows = results[workers] = run(sizes, work, args.python_clients, workers)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        title = (
+            f"cachingproxy --workers {workers}"
+            f" ({'--quick' if args.quick else 'default sizes'};"
+            f" {os.cpu_count()} CPUs; Python {sys.version.split()[0]};"
+            f" Twisted {twisted.__version__}; {time.monotonic() - started:.0f} s)"
+        )
+        print_table(rows, title)
+        failed = failed or any(row[3] == "FAIL" for row in rows)
+    if len(results) > 1:
+        names = list(results)
+        first = results[names[0]]
+        side = [
+            (
+                row[0],
+                *(results[n][i][1] for n in names),
+                _ratio(results[names[-1]][i][1], row[1]),
+            )
+            for i, row in enumerate(first)
+        ]
+        print()
+        print("--workers side by side (ratio: last setting / first)")
+        header = ("measure", *(f"--workers {n}" for n in names), "ratio")
+        print("\n".join(table(header, side)))
+    if failed:
         sys.exit(1)
+
+
+def _ratio(last: str, first: str) -> str:
+    try:
+        a, b = float(last.replace(",", "")), float(first.replace(",", ""))
+    except ValueError:
+        return "-"
+    return f"{a / b:.2f}" if b else "-"
 
 
 if __name__ == "__main__":
