@@ -117,7 +117,6 @@ class Supervisor(Service):
         """Fail once, here, what would fail in every worker; sweep the cache;
         make the CA and the shared state directories."""
         config = self.config
-        check = ProxyService(config, self.reactor)
         if config.proxy_auth is not None:
             from cachingproxy.front.auth import HtpasswdError, ProxyAuth
 
@@ -130,7 +129,7 @@ class Supervisor(Service):
         except Exception as e:
             _fatal(f"--cache-dir {config.cache_dir}: cannot open the cache: {e}")
         store.close()
-        check._interception()
+        ProxyService(config, self.reactor)._interception()
         for name in SHARED:
             path = run_dir(config.cache_dir, name)
             shutil.rmtree(path, ignore_errors=True)
