@@ -259,7 +259,7 @@ class SharedFiguresTests(TestCase):
             self.assertEqual(len(fields), 9, line)
             self.assertEqual(fields[3:6], [url, "200", str(len(body))])
         misses = sum(line.split(" ")[7] == "MISS" for line in lines)
-        self.assertEqual(misses, 1)
+        self.assertEqual(misses, 1, "\n".join(lines))
         self.assertEqual(origin.count("/t-1.0.whl"), 1)
         for _ in range(6):  # several connections: several workers answer
             _, raw = await fetch(http, f"http://127.0.0.1:{proxy.port}/status.json")

@@ -149,8 +149,13 @@ class Claims:
             f.write(state.to_json())
         os.replace(temporary, path)
 
-    def acquire(self, url: str) -> Claim | None:
-        """Take ``url``'s claim, or None when another worker holds it."""
+    def acquire(
+        self,
+        url: str,
+        unless: Callable[[ClaimState], bool] = lambda previous: False,
+    ) -> Claim | None:
+        """Take ``url``'s claim, or None when another worker holds it or,
+        once locked, the state of the previous claim satisfies ``unless``."""
         key = key_of(url)
         path = self._path(key, ".lock")
         for _ in range(8):
@@ -161,6 +166,10 @@ class Claims:
                 os.close(fd)
                 return None
             if _same_file(fd, path):
+                previous = self.read(url)
+                if previous is not None and unless(previous):
+                    os.close(fd)
+                    return None
                 state = ClaimState(
                     id=secrets.token_hex(8),
                     url=url,

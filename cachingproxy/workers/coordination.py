@@ -21,7 +21,15 @@ from twisted.logger import Logger
 
 from cachingproxy.fetch.download import Download
 from cachingproxy.fetch.outcomes import Outcome, OutcomeKind
-from cachingproxy.workers.claims import DONE, FAILED, OTHER, STREAM, Claim, Claims
+from cachingproxy.workers.claims import (
+    DONE,
+    FAILED,
+    OTHER,
+    STREAM,
+    Claim,
+    Claims,
+    ClaimState,
+)
 from cachingproxy.workers.remote import RemoteDownload
 
 _log = Logger()
@@ -62,22 +70,27 @@ class SharedDownloads:
         """The download this worker's clients of ``url`` follow: ``new()``
         (which starts it) under this worker's claim, or one following the
         worker that holds it."""
-        before = self.claims.read(url)
-        if (
-            before is not None
-            and before.state == DONE
-            and before.ended_at is not None
-            and self._clock.seconds() - before.ended_at < JUST_DONE
-            and self._stored(before.body)
-        ):
-            return self._follow(url, new, on_done, None)
-        claim = self.claims.acquire(url)
+        claim = self.claims.acquire(url, unless=self._just_done)
         if claim is None:
-            ignore = before.id if before is not None and before.final else None
+            # Another worker runs it, or has just stored it (after this
+            # worker's lookup): follow that.
+            state = self.claims.read(url)
+            ignore = None
+            if state is not None and state.final and not self._just_done(state):
+                ignore = state.id  # the new owner has not published yet
             return self._follow(url, new, on_done, ignore)
         download = new()
         self.own(claim, download)
         return download
+
+    def _just_done(self, state: ClaimState) -> bool:
+        """Whether ``state`` is of a download stored a moment ago."""
+        return (
+            state.state == DONE
+            and state.ended_at is not None
+            and self._clock.seconds() - state.ended_at < JUST_DONE
+            and self._stored(state.body)
+        )
 
     def _stored(self, name: str | None) -> bool:
         """Whether body file ``name`` was committed (and is still there)."""

@@ -268,16 +268,12 @@ class RemoteDownload(Download):
         else:
             self._end(Failure(BodyMissing(f"the download of {self.url} failed")))
 
-    def _stream_head(self, state: ClaimState) -> bool:
-        head = self._head
-        if head is not None:
-            if head.id == state.id:
-                return True
-            if not _same_body(head, state):
-                self._end(Failure(OwnerGone(f"{self.url} changed while resumed")))
-                return False
+    def _stream_head(self, state: ClaimState) -> None:
+        """Follow ``state``'s body (its head was checked against the one
+        the clients got, if any); the first head decides the waiters."""
+        if self._head is not None:
             self._head = state
-            return True
+            return
         self._head = state
         self.vary, self.variant, self.total = state.vary, state.variant, state.total
         self._decide(
@@ -288,7 +284,6 @@ class RemoteDownload(Download):
                 tuple(state.headers),
             )
         )
-        return True
 
     def _grow(self, state: ClaimState) -> None:
         if self._over:
@@ -299,21 +294,24 @@ class RemoteDownload(Download):
             elif state.final:
                 self._end(Failure(BodyMissing(f"the body of {self.url} is gone")))
             return
-        if not self._stream_head(state):
+        head = self._head
+        if head is not None and head.id != state.id and not _same_body(head, state):
+            self._end(Failure(OwnerGone(f"{self.url} changed while resumed")))
             return
         size = os.fstat(self._fd).st_size
         if state.state == DONE and state.size is not None:
             size = min(size, state.size)
-        if size != self._size:
-            self._size = size
-        if (state.state == DONE and state.size == size) or (
+        self._size = size
+        # Complete before the head goes out: a client that gets the head of
+        # a whole body is a HIT.
+        complete = (state.state == DONE and state.size == size) or (
             state.total is not None and size >= state.total and not state.checks_digest
-        ):
-            self.body_complete = True
-            self._wake()
-            self._end(None)
-            return
+        )
+        self.body_complete = self.body_complete or complete
+        self._stream_head(state)
         self._wake()
+        if complete:
+            self._end(None)
 
     def _open(self, state: ClaimState) -> bool:
         name = state.body
