@@ -71,3 +71,37 @@ class FleetOptionTests(TestCase):
                 str(caught.exception).startswith(start), str(caught.exception)
             )
             self.assertNotIn("\n", str(caught.exception))
+
+
+class HealthTests(TestCase):
+    """Degraded, not down: the state shown in /status.json, logged once a
+    minute (SPEC 12)."""
+
+    def test_logged_once_a_minute(self) -> None:
+        from twisted.internet.task import Clock
+        from twisted.logger import globalLogPublisher
+
+        from cachingproxy.fleet.health import Health
+
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        clock = Clock()
+        health = Health(clock, "s3://bkt/p/")
+        self.assertEqual(health.snapshot()["ok"], True)
+        health.failed(OSError("connection refused"))
+        clock.advance(30)
+        health.failed(OSError("connection refused"))
+        warnings = [e for e in events if "unreachable" in str(e.get("log_format"))]
+        self.assertEqual(len(warnings), 1)
+        snapshot = health.snapshot()
+        self.assertEqual(
+            (snapshot["ok"], snapshot["error"], snapshot["failures"]),
+            (False, "connection refused", 2),
+        )
+        clock.advance(31)
+        health.failed(OSError("connection refused"))
+        warnings = [e for e in events if "unreachable" in str(e.get("log_format"))]
+        self.assertEqual(len(warnings), 2)
+        health.succeeded()
+        self.assertEqual((health.ok, health.snapshot()["error"]), (True, None))

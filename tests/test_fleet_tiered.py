@@ -143,3 +143,19 @@ class TieredStoreTests(TestCase):
         self.assertEqual(await one.remove(URL), 1)
         self.assertEqual(told, [{"url": URL}])
         self.assertEqual(await one.shared.lookup(URL), [])
+
+    def test_purge_during_a_download(self) -> defer.Deferred[None]:
+        """A purge heard from the fleet while a body was being written: the
+        commit keeps nothing locally and uploads nothing."""
+        return defer.Deferred.fromCoroutine(self._race())
+
+    async def _race(self) -> None:
+        prefix = f"t{os.urandom(6).hex()}/"
+        one = await self._node(prefix)
+        writer = await one.open_writer(URL)
+        writer.write(b"y" * 5000)
+        one.purged({"url": URL})
+        await writer.commit(make_entry())
+        await one.settled(URL)
+        self.assertEqual(await one.local.lookup(URL), [])
+        self.assertEqual(await one.shared.lookup(URL), [])

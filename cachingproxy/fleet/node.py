@@ -70,6 +70,7 @@ class Fleet:
 
     def _apply(self, record: dict[str, str]) -> defer.Deferred[Any]:
         """Another node's purge: drop the same from the local tier."""
+        self.store.purged(record)
         if "url" in record:
             return self.store.local.remove(str(record["url"]))
         if "prefix" in record:

@@ -68,6 +68,9 @@ class TieredStore:
         self.uploads: dict[tuple[str, str], defer.Deferred[None]] = {}
         """Uploads in progress, by (url, variant)."""
         self._copying: set[tuple[str, str]] = set()
+        self._purges: OrderedDict[tuple[str, str], float] = OrderedDict()
+        """Recent purges (``("url"|"prefix", value)`` -> when), here or in
+        the fleet: a body whose writer opened before one is not kept."""
         self._seen: OrderedDict[str, float] = OrderedDict()
         """The newest ``stored_at`` the last lookup of a URL returned."""
 
@@ -205,6 +208,21 @@ class TieredStore:
         self.uploads[key] = waiter
         d.addBoth(done)
 
+    def purged(self, record: dict[str, str]) -> None:
+        """A purge happened (here or on another node): downloads in progress
+        of what it names commit nothing (SPEC 5's rule, across the fleet)."""
+        for kind in ("url", "prefix"):
+            if kind in record:
+                self._purges[(kind, str(record[kind]))] = self._clock.seconds()
+        while len(self._purges) > SEEN:
+            self._purges.popitem(last=False)
+
+    def purged_since(self, url: str, since: float) -> bool:
+        return any(
+            when >= since and (value == url if kind == "url" else url.startswith(value))
+            for (kind, value), when in reversed(self._purges.items())
+        )
+
     def update(self, entry: StoredResponse) -> defer.Deferred[StoredResponse]:
         if layout.parse_shared_ref(entry.body_ref) is not None:
             # The shared object keeps its metadata (objects are immutable);
@@ -240,6 +258,7 @@ class TieredStore:
         return defer.Deferred.fromCoroutine(self._remove_prefix(prefix))
 
     async def _remove_shared(self, remove: Any, record: dict[str, str]) -> int:
+        self.purged(record)
         self.on_remove(record)  # even while the store seems down: it may not be
         if not self.shared.available:
             return 0
@@ -275,6 +294,7 @@ class _UploadingWriter:
         self._store = store
         self._url = url
         self._open = True
+        self._opened_at = store._clock.seconds()
 
     def _close(self, result: Any) -> Any:
         if self._open:
@@ -294,7 +314,12 @@ class _UploadingWriter:
 
     def commit(self, entry: StoredResponse) -> defer.Deferred[StoredResponse]:
         def committed(stored: StoredResponse) -> StoredResponse:
-            self._store._committed(stored)
+            if self._store.purged_since(stored.url, self._opened_at):
+                # Purged while it was downloading: keep nothing, upload nothing.
+                d = self._store.local.remove(stored.url, stored.variant)
+                d.addErrback(lambda f: _log.failure("dropping a purged body", f))
+            else:
+                self._store._committed(stored)
             return stored
 
         return self._writer.commit(entry).addCallback(committed).addBoth(self._close)
