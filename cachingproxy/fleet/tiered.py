@@ -46,6 +46,9 @@ _DONE = Failure(ResponseDone())
 IDLE_TIMEOUT = 30.0
 """Seconds of silence from the store, mid-body, before a read gives up."""
 
+UPLOADS = 4
+"""Uploads at a time; the others queue (each holds its lease until done)."""
+
 SEEN = 10_000
 """URLs whose last lookup is remembered (:meth:`TieredStore.seen`)."""
 
@@ -68,6 +71,7 @@ class TieredStore:
         self.uploads: dict[tuple[str, str], defer.Deferred[None]] = {}
         """Uploads in progress, by (url, variant)."""
         self._copying: set[tuple[str, str]] = set()
+        self._upload_slots = defer.DeferredSemaphore(UPLOADS)
         self._purges: OrderedDict[tuple[str, str], float] = OrderedDict()
         """Recent purges (``("url"|"prefix", value)`` -> when), here or in
         the fleet: a body whose writer opened before one is not kept."""
@@ -192,7 +196,9 @@ class TieredStore:
             return
         if not self.shared.available:
             return
-        d = defer.Deferred.fromCoroutine(self.shared.upload(self.local, entry))
+        d = self._upload_slots.run(
+            lambda: defer.Deferred.fromCoroutine(self.shared.upload(self.local, entry))
+        )
 
         def done(result: object) -> None:
             self.uploads.pop(key, None)
