@@ -104,3 +104,12 @@ class ProxyConfig:
     """The file holding the secret the nodes of a fleet share."""
     rules: tuple[Rule, ...] = field(default=())
     """Operator rules from the config file; they come before the default rules."""
+
+
+@frozen
+class FetchSettings:
+    """The parts of the configuration a download needs."""
+
+    negative_ttl: float
+    max_object_size: int
+    read_timeout: float

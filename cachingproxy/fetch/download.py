@@ -3,7 +3,8 @@
 A :class:`Download` fetches one URL once, writes the body into a store
 writer as it arrives, and tells everyone waiting on it what happened
 (:class:`Outcome`).  Each client of a body being stored is followed by a
-:class:`~cachingproxy.cache.pump.Pump` over its own :class:`_Reading` of the
+:class:`~cachingproxy.cache.pump.Pump` over its own
+:class:`~cachingproxy.fetch.receiver.Reading` of the
 body: it reads the bytes already written at its own pace, so a slow client
 never holds the download back and nothing is buffered per client.
 """
@@ -13,35 +14,28 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 
-from attrs import frozen
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.iweb import IResponse
-from zope.interface import implementer
 
 from cachingproxy.cache import headers as H
 from cachingproxy.cache import policy, variants
 from cachingproxy.cache.age import corrected_age
 from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.pump import CHUNK_SIZE, Pump
-from cachingproxy.config import Rule
+from cachingproxy.config import FetchSettings, Rule
 from cachingproxy.errors import (
     BodyMissing,
     DestinationRefused,
-    DigestMismatch,
     StoreFull,
-    UpstreamTimeout,
 )
-from cachingproxy.fetch.outcomes import Discard, Outcome, OutcomeKind
+from cachingproxy.fetch.outcomes import Discard, Outcome, OutcomeKind, body_failure
+from cachingproxy.fetch.receiver import BodyReceiver, Reading
 from cachingproxy.fetch.spill import Spill
 from cachingproxy.fetch.upstream import headers_from_pairs, pairs_from_headers
 from cachingproxy.interfaces import (
-    IBodySource,
     IBodyWriter,
     ICacheStore,
     IPartialReader,
@@ -54,15 +48,6 @@ _log = Logger()
 
 CHUNK = CHUNK_SIZE
 """Bytes per read of a download's body."""
-
-
-@frozen
-class FetchSettings:
-    """The parts of the configuration a download needs."""
-
-    negative_ttl: float
-    max_object_size: int
-    read_timeout: float
 
 
 class Download:
@@ -110,12 +95,12 @@ class Download:
         self._on_upstream_bytes = on_upstream_bytes
         self._on_upstream_error = on_upstream_error
         self._spill: Spill | None = None
-        self._receiver: _BodyReceiver | None = None
+        self._receiver: BodyReceiver | None = None
         self.purged = False
         self._waiters: list[defer.Deferred[Outcome]] = []
         self._outcome: Outcome | None = None
         self._passthrough_taken = False
-        self._readings: set[_Reading] = set()
+        self._readings: set[Reading] = set()
         self._writer: IBodyWriter | None = None
         self.vary: tuple[str, ...] = ()
         self.variant = ""
@@ -241,15 +226,10 @@ class Download:
         it is checked against."""
         if getattr(self, "_head_at", None) is None:
             return None  # no head yet (or a RemoteDownload: its own worker checks)
-        now = self._clock.seconds()
+        now, headers = self._clock.seconds(), tuple(self._headers)
+        age = corrected_age(headers, self.started_at, now)
         return StoredResponse(
-            url=self.url,
-            variant=self.variant,
-            vary=self.vary,
-            status=self._status,
-            headers=tuple(self._headers),
-            stored_at=now,
-            initial_age=corrected_age(self._headers, self.started_at, now),
+            self.url, self.variant, self.vary, self._status, headers, now, age
         )
 
     def read(self, reader: IPartialReader, offset: int, length: int) -> bytes:
@@ -287,7 +267,9 @@ class Download:
     ) -> Pump:
         """Attach a client that reads the body ``[start, end)`` as it arrives."""
         assert self._writer is not None
-        reading = _Reading(self, self._writer.open_reader(), start)
+        reading = Reading(
+            self, self._writer.open_reader(), start, self._consumed, self._forget
+        )
         follower = reading.pump = Pump(consumer, reading, start, end, self._clock)
         self._readings.add(reading)
         follower.start().addCallbacks(lambda _: on_finish(None), on_finish)
@@ -419,7 +401,9 @@ class Download:
         self._status, self._headers = status, headers
         self._head_at = self._clock.seconds()
         self._decide(Outcome(OutcomeKind.STREAM, status, phrase, tuple(headers)))
-        self._receiver = _BodyReceiver(self, self._clock, self._settings.read_timeout)
+        self._receiver = BodyReceiver(
+            self._clock, self._settings.read_timeout, self._data, self._body_end
+        )
         response.deliverBody(self._receiver)
 
     def _data(self, data: bytes) -> None:
@@ -448,37 +432,17 @@ class Download:
         assert self._writer is not None
         self._receiver = None
         written = self.bytes_written
-        ok = reason.check(ResponseDone) or (
-            reason.check(PotentialDataLoss) and self.total is None
+        broken = body_failure(
+            self.url,
+            reason,
+            written,
+            self.total,
+            self._expected,
+            None if self._hasher is None else self._hasher.hexdigest(),
         )
-        if ok and self.total is not None and written != self.total:
-            ok = False
-        if ok and self._expected is not None and self._hasher is not None:
-            actual = self._hasher.hexdigest()
-            if actual != self._expected[1]:
-                _log.error(
-                    "digest mismatch for {url}: index published {algo} {expected},"
-                    " download has {actual}; not stored, clients cut off",
-                    url=self.url,
-                    algo=self._expected[0],
-                    expected=self._expected[1],
-                    actual=actual,
-                )
-                self._on_upstream_error("broken")
-                self.failure = Failure(DigestMismatch(self.url))
-                self._writer.abort()
-                self._wake_all()
-                self._done()
-                return
-        if not ok:
-            self._on_upstream_error(upstream_error_kind(reason))
-            _log.warn(
-                "download of {url} broke off after {n} bytes: {why}",
-                url=self.url,
-                n=written,
-                why=reason.getErrorMessage(),
-            )
-            self.failure = reason
+        if broken is not None:
+            self.failure, kind = broken
+            self._on_upstream_error(kind)
             self._writer.abort()
             self._wake_all()
             self._done()
@@ -493,17 +457,8 @@ class Download:
             self._writer.abort()
             self._done()
             return
-        entry = StoredResponse(
-            url=self.url,
-            variant=self.variant,
-            vary=self.vary,
-            status=self._status,
-            headers=tuple(self._headers),
-            stored_at=self._clock.seconds(),
-            initial_age=corrected_age(
-                self._headers, self.started_at, self._clock.seconds()
-            ),
-        )
+        entry = self.head_entry()
+        assert entry is not None
         d = self._writer.commit(entry)
 
         def committed(stored: StoredResponse) -> defer.Deferred[None] | None:
@@ -536,103 +491,9 @@ class Download:
             if reading.pump is not None:
                 reading.pump.wake()
 
-    def _forget(self, reading: _Reading) -> None:
+    def _forget(self, reading: Reading) -> None:
         self._readings.discard(reading)
         self._consumed()
 
 
-@implementer(IBodySource)
-class _Reading:
-    """One follower's view of a download's body: what the store took, read
-    through the follower's own reader, then what the spill holds."""
-
-    def __init__(self, download: Download, reader: IPartialReader, start: int) -> None:
-        self.offset = start
-        self.pump: Pump | None = None
-        self._download = download
-        self._reader = reader
-
-    @property
-    def readable(self) -> int:
-        return self._download.readable
-
-    @property
-    def complete(self) -> bool:
-        return self._download.body_complete
-
-    @property
-    def failure(self) -> Failure | None:
-        return self._download.failure
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._download.read(self._reader, offset, length)
-
-    def consumed(self, offset: int) -> None:
-        self.offset = offset
-        self._download._consumed()
-
-    def close(self) -> None:
-        self._reader.close()
-        self._download._forget(self)
-
-
-class _BodyReceiver(Protocol):
-    """Feeds an upstream body into its download, with an idle timeout."""
-
-    def __init__(
-        self, download: Download, clock: IReactorTime, read_timeout: float
-    ) -> None:
-        self._download = download
-        self._clock = clock
-        self._read_timeout = read_timeout
-        self._timer: IDelayedCall | None = None
-        self._error: Failure | None = None
-        self._paused = False
-
-    def connectionMade(self) -> None:  # noqa: N802
-        self._timer = self._clock.callLater(self._read_timeout, self._timed_out)
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self._abort(
-            Failure(UpstreamTimeout(f"upstream silent for {self._read_timeout:g}s"))
-        )
-
-    def _abort(self, failure: Failure) -> None:
-        self._error = failure
-        self.transport.stopProducing()  # type: ignore[union-attr]
-
-    def pause(self) -> None:
-        """Stop reading upstream (the spill is full); the idle timer waits too."""
-        if not self._paused and self.transport is not None:
-            self._paused = True
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
-
-    def resume(self) -> None:
-        if self._paused and self.transport is not None:
-            self._paused = False
-            self._timer = self._clock.callLater(self._read_timeout, self._timed_out)
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        if self._error is not None:
-            return
-        if self._timer is not None:
-            self._timer.reset(self._read_timeout)
-        self._download._data(data)
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802,B008
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self._download._body_end(self._error or reason)
-
-
-__all__ = [
-    "CHUNK",
-    "Download",
-    "FetchSettings",
-]
+__all__ = ["CHUNK", "Download", "FetchSettings"]

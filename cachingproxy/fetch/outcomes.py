@@ -8,13 +8,18 @@ from enum import Enum
 from attrs import frozen
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseNeverReceived
 from twisted.web.iweb import IResponse
 
 from cachingproxy.cache.entry import Header, StoredResponse
-from cachingproxy.errors import DestinationRefused, UpstreamTimeout
+from cachingproxy.errors import DestinationRefused, DigestMismatch, UpstreamTimeout
 from cachingproxy.fetch.upstream import DNSLookupFailed
+from cachingproxy.mirror.rewrite import Digest
+from cachingproxy.ops.stats import upstream_error_kind
+
+_log = Logger()
 
 
 class OutcomeKind(Enum):
@@ -52,6 +57,44 @@ class Discard(Protocol):
         pass
 
 
+def body_failure(
+    url: str,
+    reason: Failure,
+    written: int,
+    total: int | None,
+    expected: Digest | None,
+    actual: str | None,
+) -> tuple[Failure, str] | None:
+    """Why a body received from upstream is unusable, as (failure, error
+    kind for the statistics); None when it is whole: it ended cleanly, its
+    length matches ``total`` and its digest (``actual``) the one an index
+    published (``expected``).  Logs why."""
+    ok = reason.check(ResponseDone) or (
+        reason.check(PotentialDataLoss) and total is None
+    )
+    if ok and total is not None and written != total:
+        ok = False
+    if not ok:
+        _log.warn(
+            "download of {url} broke off after {n} bytes: {why}",
+            url=url,
+            n=written,
+            why=reason.getErrorMessage(),
+        )
+        return reason, upstream_error_kind(reason)
+    if expected is not None and actual is not None and actual != expected[1]:
+        _log.error(
+            "digest mismatch for {url}: index published {algo} {expected},"
+            " download has {actual}; not stored, clients cut off",
+            url=url,
+            algo=expected[0],
+            expected=expected[1],
+            actual=actual,
+        )
+        return Failure(DigestMismatch(url)), "broken"
+    return None
+
+
 def describe(outcome: Outcome) -> str:
     if outcome.failure is not None:
         return outcome.failure.getErrorMessage()
@@ -87,6 +130,7 @@ __all__ = [
     "Discard",
     "Outcome",
     "OutcomeKind",
+    "body_failure",
     "describe",
     "error_status",
 ]

@@ -15,8 +15,8 @@ from cachingproxy.cache import headers as H
 from cachingproxy.cache import policy
 from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.status import CacheStatus
-from cachingproxy.config import ProxyConfig, Rule
-from cachingproxy.fetch.download import Download, FetchSettings
+from cachingproxy.config import FetchSettings, ProxyConfig, Rule
+from cachingproxy.fetch.download import Download
 from cachingproxy.fetch.outcomes import (
     Discard,
     Outcome,
