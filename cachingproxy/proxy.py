@@ -125,7 +125,12 @@ class Proxy:
             via=self.via,
         )
         self.sender = Sender(
-            store, clock, downloads=self.downloads, stats=self.stats, via=self.via
+            store,
+            clock,
+            downloads=self.downloads,
+            stats=self.stats,
+            via=self.via,
+            read_timeout=config.read_timeout,
         )
         self.mirrors = MirrorService(
             MirrorTable(config.mirrors),

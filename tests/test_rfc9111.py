@@ -444,3 +444,59 @@ class TrailingDotTests(TestCase):
         self.assertEqual(header(r1, "x-cache"), "MISS")
         self.assertIn(header(r2, "x-cache"), ("HIT",))
         self.assertEqual(origin.count(), 1)
+
+
+class _Response:
+    length = None
+
+
+def _client_request() -> Any:
+    """A DummyRequest that takes a push producer (its own loops a pull one)."""
+    from twisted.web.test.requesthelper import DummyRequest
+
+    class Client(DummyRequest):
+        channel = None
+
+        def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
+            self.producer = producer
+
+    return Client([b""])
+
+
+class PassThroughSilenceTests(SynchronousTestCase):
+    """--read-timeout between body bytes of a response passed through
+    unstored; a client holding the body back does not count (SPEC 5)."""
+
+    def test_silent_upstream_cut_off_unless_the_client_holds_back(self) -> None:
+        from twisted.internet.task import Clock
+
+        from cachingproxy.front.responses import PassThrough
+
+        clock = Clock()
+        request = _client_request()
+        errors: list[str] = []
+        relay = PassThrough(
+            request,
+            _Response(),  # type: ignore[arg-type]
+            on_error=errors.append,
+            clock=clock,
+            read_timeout=5.0,
+        )
+        upstream = StringTransport()
+        relay.makeConnection(upstream)
+        clock.advance(4)
+        relay.dataReceived(b"abc")
+        clock.advance(4)  # 8 s in all, 4 s of silence
+        self.assertEqual(upstream.producerState, "producing")
+        request.producer.pauseProducing()  # a slow client
+        clock.advance(60)
+        self.assertEqual(upstream.producerState, "paused")
+        request.producer.resumeProducing()
+        clock.advance(4.9)
+        self.assertEqual(upstream.producerState, "producing")
+        clock.advance(0.2)
+        self.assertEqual(upstream.producerState, "stopped")
+        relay.connectionLost(Failure(Exception("stopped")))
+        self.assertEqual(errors, ["timeout"])
+        self.assertEqual(request.written, [b"abc"])
+        self.assertEqual(request.finished, 0)

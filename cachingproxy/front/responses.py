@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
@@ -13,10 +14,12 @@ from twisted.web.http import datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from cachingproxy.cache import headers as H
 from cachingproxy.cache.entry import Header
 from cachingproxy.cache.status import CacheStatus
+from cachingproxy.errors import UpstreamTimeout
 from cachingproxy.ops.stats import upstream_error_kind
 
 _OWN = frozenset({"content-length", "age", "x-cache", "via"})
@@ -137,7 +140,13 @@ def abort(request: Request) -> None:
 
 
 class PassThrough(Protocol):
-    """Streams an unstored upstream body to one client, with backpressure."""
+    """Streams an unstored upstream body to one client, with backpressure.
+
+    With a ``clock`` and ``read_timeout``, an upstream silent for that long
+    while the client is ready for more is cut off (SPEC 5: the read timeout
+    counts between body bytes); while the client holds the body back, the
+    silence is ours and does not count.
+    """
 
     def __init__(
         self,
@@ -147,7 +156,13 @@ class PassThrough(Protocol):
         on_data: Callable[[int], None] = lambda n: None,
         on_error: Callable[[str], None] = lambda kind: None,
         on_done: Callable[[], None] = lambda: None,
+        clock: IReactorTime | None = None,
+        read_timeout: float | None = None,
     ) -> None:
+        self._clock = clock
+        self._read_timeout = read_timeout
+        self._timer: IDelayedCall | None = None
+        self._timed_out = False
         self._on_done = on_done
         self._on_data = on_data
         self._on_error = on_error
@@ -167,9 +182,29 @@ class PassThrough(Protocol):
         if self._client_gone:
             self.transport.stopProducing()  # type: ignore[union-attr]
             return
-        self._request.registerProducer(self.transport, True)
+        self._request.registerProducer(_Paced(self), True)
+        self._arm()
+
+    def _arm(self) -> None:
+        """(Re)start the silence timer."""
+        self._disarm()
+        if self._clock is not None and self._read_timeout is not None:
+            self._timer = self._clock.callLater(self._read_timeout, self._silent)
+
+    def _disarm(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _silent(self) -> None:
+        self._timer = None
+        self._timed_out = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._timer is not None:
+            self._arm()
         self.received += len(data)
         self._on_data(len(data))
         if not self._client_gone:
@@ -177,6 +212,9 @@ class PassThrough(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: N802,B008
         self.finished = True
+        self._disarm()
+        if self._timed_out:
+            reason = Failure(UpstreamTimeout("upstream silent mid-body"))
         self._on_done()
         if self._client_gone:
             return
@@ -189,6 +227,27 @@ class PassThrough(Protocol):
         else:
             self._on_error(upstream_error_kind(reason))
             abort(self._request)
+
+
+@implementer(IPushProducer)
+class _Paced:
+    """The upstream transport as the client's producer: while the client
+    holds the body back, the silence timer waits."""
+
+    def __init__(self, owner: PassThrough) -> None:
+        self._owner = owner
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self._owner._disarm()
+        self._owner.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._owner._arm()
+        self._owner.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self._owner._disarm()
+        self._owner.transport.stopProducing()  # type: ignore[union-attr]
 
 
 __all__ = ["PassThrough", "abort", "client_gone", "send_error", "set_head"]

@@ -78,9 +78,12 @@ class Sender:
         downloads: Downloads,
         stats: Stats,
         via: str,
+        read_timeout: float | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
+        self._read_timeout = read_timeout
+        """Longest upstream silence in a body passed through (SPEC 5)."""
         self._downloads = downloads
         self._stats = stats
         self.via = via
@@ -428,6 +431,8 @@ class Sender:
                 on_data=received,
                 on_error=self._stats.record_upstream_error,
                 on_done=lambda: passing.discard(flight),
+                clock=self._clock,
+                read_timeout=self._read_timeout,
             )
         )
 
