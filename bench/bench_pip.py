@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Benchmark: ``pip install`` of 20 wheels through the mirror, cold and warm.
+"""Benchmark: ``pip install`` of 20 wheels through the mirror, cold and warm;
+with ``--ecosystems all``, each ecosystem's own client (pip, go, cargo, gem)
+through its preset, cold and warm, as ratios to the client installing from a
+local directory (bench/ecosystems.py).
 
 Run from a checkout, with a Python that has the project's dependencies and
 pip::
 
     python bench/bench_pip.py                 # 20 wheels of 200 KiB, 3 runs
     python bench/bench_pip.py --runs 1 --rate 4e6 --latency 0.02
+    python bench/bench_pip.py --ecosystems all --wheels 10   # per ecosystem
 
 Everything runs on 127.0.0.1; nothing else is contacted:
 
@@ -403,8 +407,26 @@ def main() -> None:
         "--latency", type=float, default=0.05, help="origin delay per request, s"
     )
     parser.add_argument("--runs", type=int, default=3, help="runs of each measurement")
+    parser.add_argument(
+        "--ecosystems",
+        default="",
+        help="instead: a per-ecosystem table (cold, warm with the origin stopped,"
+        " floor) for these clients, comma-separated, or 'all'"
+        " (pip, go, cargo, gem); --wheels packages of --size bytes each",
+    )
     parser.add_argument("--serve-origin", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ecosystems:
+        from ecosystems import ECOSYSTEMS, run_all
+
+        names = (
+            list(ECOSYSTEMS) if args.ecosystems == "all" else args.ecosystems.split(",")
+        )
+        unknown = sorted(set(names) - set(ECOSYSTEMS))
+        if unknown:
+            raise SystemExit(f"--ecosystems: unknown {', '.join(unknown)}")
+        run_all(names, args.wheels, args.size, stop)
+        return
     if args.serve_origin:
         root, port, rate, latency = args.serve_origin
         serve_origin(root, int(port), float(rate), float(latency))

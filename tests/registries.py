@@ -106,8 +106,15 @@ class DirectoryOrigin:
 # -- Go module proxy ------------------------------------------------------------
 
 
-def go_module(root: str, module: str, version: str, requires: dict[str, str]) -> None:
-    """One version of ``module`` in GOPROXY layout under ``root``."""
+def go_module(
+    root: str,
+    module: str,
+    version: str,
+    requires: dict[str, str],
+    payload: bytes = b"",
+) -> None:
+    """One version of ``module`` in GOPROXY layout under ``root`` (with a
+    ``payload.bin`` of ``payload`` when given)."""
     name = module.rsplit("/", 1)[-1]
     lines = [f"module {module}", "", "go 1.19", ""]
     if requires:
@@ -119,7 +126,10 @@ def go_module(root: str, module: str, version: str, requires: dict[str, str]) ->
     source = f'package {name}\n\n{imports}\nconst Version = "{version}"\n'.encode()
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path, data in (("go.mod", mod), (f"{name}.go", source)):
+        files = [("go.mod", mod), (f"{name}.go", source)]
+        if payload:
+            files.append(("payload.bin", payload))
+        for path, data in files:
             info = zipfile.ZipInfo(f"{module}@{version}/{path}", _EPOCH)
             archive.writestr(info, data)
     base = os.path.join(root, *module.split("/"), "@v")
@@ -159,7 +169,12 @@ def _tar_gz(files: dict[str, bytes]) -> bytes:
 
 
 def crate(
-    index: str, files: str, name: str, version: str, deps: dict[str, str]
+    index: str,
+    files: str,
+    name: str,
+    version: str,
+    deps: dict[str, str],
+    payload: bytes = b"",
 ) -> bytes:
     """``name`` ``version`` as a ``.crate`` under ``files``
     (``NAME/VERSION/download``) and a line of its index file under
@@ -173,6 +188,7 @@ def crate(
         {
             f"{name}-{version}/Cargo.toml": manifest,
             f"{name}-{version}/src/lib.rs": f'pub const VERSION: &str = "{version}";\n'.encode(),
+            **({f"{name}-{version}/payload.bin": payload} if payload else {}),
         }
     )
     write(os.path.join(files, name, version, "download"), data)
@@ -297,8 +313,10 @@ File.binwrite(File.join(out, "prerelease_specs.4.8.gz"), Gem::Util.gzip(Marshal.
 """
 
 
-def gemspec(name: str, version: str, deps: dict[str, str]) -> str:
-    """A gemspec for ``gem build``."""
+def gemspec(
+    name: str, version: str, deps: dict[str, str], files: tuple[str, ...] = ()
+) -> str:
+    """A gemspec for ``gem build`` (``lib/NAME.rb`` and ``files``)."""
     lines = [
         "Gem::Specification.new do |s|",
         f'  s.name = "{name}"',
@@ -306,7 +324,7 @@ def gemspec(name: str, version: str, deps: dict[str, str]) -> str:
         '  s.summary = "a gem served by the cachingproxy tests"',
         '  s.authors = ["tests"]',
         '  s.license = "MIT"',
-        f'  s.files = ["lib/{name}.rb"]',
+        f"  s.files = {[f'lib/{name}.rb', *files]!r}".replace("'", '"'),
         *(f'  s.add_runtime_dependency "{d}", "{r}"' for d, r in deps.items()),
         "end",
     ]

@@ -275,6 +275,31 @@ class CompactIndexTests(TestCase):
         got, etag, cache = await append(old)
         self.assertEqual((got, etag), (new, _etag(new)))
 
+    def test_head_miss_is_fetched(self) -> defer.Deferred[None]:
+        """A HEAD that misses under a mirror (``gem`` asks HEAD of its source
+        first) is fetched upstream as a GET and stored, so with the origin
+        stopped the same HEAD is a HIT with the right length."""
+        return run(self._head())
+
+    async def _head(self) -> None:
+        origin = StoppableOrigin(self)
+        body = b"created_at: 2024-01-01T00:00:00Z\n---\n"
+        origin.origin.static("/versions", body, [("Content-Type", "text/plain")])
+        base = f"http://127.0.0.1:{origin.port}/"
+        service, port = start_proxy(
+            self, mirrors=(Mirror("/rubygems/", (base,), protocol="rubygems"),)
+        )
+        url = f"http://127.0.0.1:{port}/rubygems/versions"
+        response, got = await fetch(client(self), url, method="HEAD")
+        self.assertEqual((response.code, got), (200, b""))
+        self.assertEqual([r.method for r in origin.origin.requests], ["GET"])
+        await stored(service, base + "versions")
+        await origin.stop()
+        response, got = await fetch(client(self), url, method="HEAD")
+        self.assertEqual((response.code, got), (200, b""))
+        self.assertEqual(header(response, "x-cache"), "HIT")
+        self.assertEqual(header(response, "content-length"), str(len(body)))
+
 
 _PLUGIN = ("org.apache.maven.plugins", "maven-dependency-plugin", "3.8.1")
 M2 = os.path.expanduser("~/.m2/repository")

@@ -138,7 +138,10 @@ class CachedPath:
                 return Fail(504, "not cached and --offline", CacheStatus.OFFLINE)
             if policy.only_if_cached(client_headers):
                 return Fail(504, "not cached (only-if-cached)", CacheStatus.MISS)
-            if head and entry is None:
+            # A HEAD miss under a mirror is fetched as a GET (and answered
+            # with its head), so the next HEAD works with the registry down
+            # (gem asks HEAD of a source before using it).
+            if head and entry is None and target is None:
                 return await self._forwarder.forward(
                     url, "HEAD", client_headers, None, CacheStatus.MISS
                 )
