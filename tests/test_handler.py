@@ -493,3 +493,60 @@ class OutcomeKindTests(TestCase):
 
         self.assertIsNot(RouteKind, OutcomeKind)
         self.assertEqual(str(CacheStatus.HIT), "HIT")
+
+
+class PassThroughTests(TestCase):
+    """Responses the cache does not keep are relayed as they come."""
+
+    def test_unstorable_relayed(self) -> None:
+        """Under ``origin``, a ``no-store`` response is streamed to its
+        client (MISS) and not stored; the next request goes upstream."""
+        h = Handler()
+        reply = h.get(PAGE)
+        h.answer([("Cache-Control", "no-store")])
+        self.assertEqual((reply.status, reply.cache, reply.body), (200, "MISS", BODY))
+        self.assertEqual(h.stored(PAGE), [])
+        h.get(PAGE)
+        self.assertEqual(len(h.upstream.requests), 2)
+
+    def test_bypass(self) -> None:
+        """A request with credentials bypasses the cache (BYPASS), and its
+        answer is not stored."""
+        h = Handler()
+        reply = h.get(WHEEL, [("Authorization", "Bearer x")])
+        h.answer()
+        self.assertEqual((reply.cache, reply.body), ("BYPASS", BODY))
+        self.assertEqual(h.stored(WHEEL), [])
+
+    def test_head_on_a_hit(self) -> None:
+        """HEAD of a stored entry is answered from it: its length, no body."""
+        h = Handler()
+        h.fetch(WHEEL)
+        reply = h.get(WHEEL, method="HEAD")
+        self.assertEqual((reply.status, reply.cache), (200, "HIT"))
+        self.assertEqual(reply.headers["content-length"], str(len(BODY)))
+        self.assertEqual(reply.body, b"")
+        self.assertEqual(len(h.upstream.requests), 1)
+
+
+class MergedMirrorTests(TestCase):
+    def test_root_page_merged(self) -> None:
+        """A mirror of two upstreams serves the union of their root pages
+        (a ServeBody through the document filter), links made local."""
+        h = Handler(
+            mirrors=(Mirror("/pypi/", ("https://one.test/", "https://two.test/")),)
+        )
+        reply = h.get("/pypi/simple/")
+        self.assertEqual(h.requested(), ["https://one.test/simple/"])
+        h.answer(
+            [("Content-Type", "text/html")],
+            body=b'<a href="https://one.test/simple/a/">a</a>',
+        )
+        self.assertEqual(h.requested()[1], "https://two.test/simple/")
+        h.answer(
+            [("Content-Type", "text/html")],
+            body=b'<a href="https://two.test/simple/b/">b</a>',
+        )
+        self.assertEqual(reply.status, 200)
+        self.assertIn(b"http://localhost:3128/pypi/simple/a/", reply.body)
+        self.assertIn(b"http://localhost:3128/pypi/simple/b/", reply.body)
