@@ -10,6 +10,7 @@ oldest dropped first, so that a lookup never walks thousands of them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from twisted.internet import defer
@@ -47,6 +48,7 @@ def _accepted(params: list[str]) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise(name: str, value: str | None) -> str:
     """The key form of request header ``name``'s ``value``.
 
@@ -54,7 +56,8 @@ def normalise(name: str, value: str | None) -> str:
     any response the origin chooses for one such request is acceptable to
     every other.  ``Accept``, ``Accept-Language``, ``Accept-Charset``: case
     and whitespace dropped, order kept (servers break ties by order).
-    Others: runs of whitespace as one space.
+    Others: runs of whitespace as one space.  Remembered: clients send the
+    same few values again and again (the hit path).
     """
     if value is None:
         return ""
