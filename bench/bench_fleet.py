@@ -19,8 +19,9 @@ measures:
    client's time against 30 clients fetching the same size straight from the
    origin;
 2. the MB/s of one client reading a large file that a node has only in the
-   shared tier (read from the store while copied into the local tier),
-   against the same node reading it from its local tier afterwards.
+   shared tier (read from the store while copied into the local tier; the
+   better of two nodes), against the same nodes reading it from their local
+   tier afterwards (the best of four reads).
 
 MB is 10^6 bytes; MiB is 1024^2.  Everything lives under one temporary
 directory that is deleted at the end; every child is killed on exit.
@@ -40,6 +41,8 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
+
+import bench_pip  # noqa: E402, F401  (first: it and bench.py import each other)
 
 import bench as base  # noqa: E402  (bench/bench.py)
 from tests.seaweed import CREDENTIALS, Seaweed  # noqa: E402
@@ -191,15 +194,19 @@ def run(cold_size: int, hit_size: int, work: str) -> list[tuple[str, ...]]:
 
             wait_for(uploaded, "the upload")
             time.sleep(1.0)
-            started = time.monotonic()
-            status, cache, size = base.fetch(nodes[1], "/hit.whl")
-            shared_mbs = size / (time.monotonic() - started) / 1e6
-            if (status, cache, size) != (200, "HIT", hit_size):
-                raise SystemExit(f"shared hit: {status} {cache} {size}")
-            wait_for(lambda: node_status(ports[1])["entries"] >= 1, "the local copy")
-            started = time.monotonic()
-            status, cache, size = base.fetch(nodes[1], "/hit.whl")
-            local_mbs = size / (time.monotonic() - started) / 1e6
+
+            def mbs(node: base.Target, want: str) -> float:
+                started = time.monotonic()
+                status, cache, size = base.fetch(node, "/hit.whl")
+                if (status, cache, size) != (200, want, hit_size):
+                    raise SystemExit(f"{want}: {status} {cache} {size}")
+                return size / (time.monotonic() - started) / 1e6
+
+            # Each node reads from the shared tier once (then it has a copy).
+            shared_mbs = max(mbs(nodes[1], "HIT"), mbs(nodes[2], "HIT"))
+            for port in ports[1:]:
+                wait_for(lambda p=port: node_status(p)["entries"] >= 1, "the copy")
+            local_mbs = max(mbs(nodes[1 + i % 2], "HIT") for i in range(4))
             rows.append(
                 (
                     "hit MB/s (shared tier vs local tier)",
