@@ -55,7 +55,8 @@ from contextlib import contextmanager
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import free_port, wait_listening
+# bench.py imports this module: its helpers are imported where used, so that
+# running this file does not import itself again half-way (an import cycle).
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KiB = 1024
@@ -176,6 +177,8 @@ def spawn(
             argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
     procs.append(proc)
+    from bench import wait_listening
+
     wait_listening(proc, port, log)
     return proc
 
@@ -249,6 +252,8 @@ def origin_counts(port: int) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> None:
+    from bench import free_port
+
     tmp = tempfile.mkdtemp(prefix="cachingproxy-bench-pip-")
     times: dict[str, list[float]] = collections.defaultdict(list)
     try:
