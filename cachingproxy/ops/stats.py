@@ -36,15 +36,18 @@ from twisted.web.client import (
 )
 
 from cachingproxy import __version__
+from cachingproxy.cache.status import CacheStatus
 from cachingproxy.errors import DestinationRefused, UpstreamTimeout
 from cachingproxy.fetch.upstream import DNSLookupFailed
 from cachingproxy.ops.metrics import Figures, Metrics
 
-CACHE_STATUSES = ("HIT", "MISS", "REVALIDATED", "STALE", "OFFLINE", "BYPASS", "-")
+CACHE_STATUSES = tuple(c.value for c in CacheStatus if c is not CacheStatus.TUNNEL)
 """Every ``X-Cache`` value a request is recorded with; ``-`` is an error or
 refusal answered before any cache decision."""
 
-FROM_CACHE = frozenset({"HIT", "REVALIDATED", "STALE", "OFFLINE"})
+FROM_CACHE = frozenset(
+    {CacheStatus.HIT, CacheStatus.REVALIDATED, CacheStatus.STALE, CacheStatus.OFFLINE}
+)
 """Cache statuses whose body came out of the cache."""
 
 ERROR_KINDS = (
@@ -199,7 +202,7 @@ class Stats:
         self.by_cache[cache] += 1
         # An OFFLINE 504 ("not cached and --offline") did not come from the cache.
         hit = cache in FROM_CACHE and status < 500
-        miss = cache == "MISS" or (cache in FROM_CACHE and not hit)
+        miss = cache == CacheStatus.MISS or (cache in FROM_CACHE and not hit)
         self.from_cache += hit
         self.cache_misses += miss
         if cache == "-" or status >= 500:
@@ -299,12 +302,12 @@ class Stats:
             "time": now,
             "uptime": now - self.started_at,
             "requests": sum(by_cache.values()),
-            "hits": by_cache["HIT"],
-            "misses": by_cache["MISS"],
-            "stale": by_cache["STALE"],
-            "revalidated": by_cache["REVALIDATED"],
-            "offline": by_cache["OFFLINE"],
-            "bypass": by_cache["BYPASS"],
+            "hits": by_cache[CacheStatus.HIT],
+            "misses": by_cache[CacheStatus.MISS],
+            "stale": by_cache[CacheStatus.STALE],
+            "revalidated": by_cache[CacheStatus.REVALIDATED],
+            "offline": by_cache[CacheStatus.OFFLINE],
+            "bypass": by_cache[CacheStatus.BYPASS],
             "errors": self.errors,
             "from_cache": self.from_cache,
             "hit_ratio": _ratio(self.from_cache, self.from_cache + self.cache_misses),

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from twisted.internet.interfaces import IReactorTime
 
 from cachingproxy import __version__
+from cachingproxy.cache.status import CacheStatus
 from cachingproxy.ops.metrics import RESPONSE_BUCKETS, Figures, Metrics
 from cachingproxy.ops.stats import (
     CACHE_STATUSES,
@@ -213,7 +214,7 @@ class SharedStats(Stats):
         if hit:
             counters.totals.labels("from_cache").inc()
             counters.bytes.labels("cache").inc(bytes_sent)
-        if cache == "MISS" or (cache in FROM_CACHE and not hit):
+        if cache == CacheStatus.MISS or (cache in FROM_CACHE and not hit):
             counters.totals.labels("misses").inc()
         if cache == "-" or status >= 500:
             counters.totals.labels("errors").inc()
@@ -260,12 +261,12 @@ class SharedStats(Stats):
         served, cached = mine.get("served", 0), moved.get("cache", 0)
         snapshot.update(
             requests=sum(by_cache.values()),
-            hits=by_cache["HIT"],
-            misses=by_cache["MISS"],
-            stale=by_cache["STALE"],
-            revalidated=by_cache["REVALIDATED"],
-            offline=by_cache["OFFLINE"],
-            bypass=by_cache["BYPASS"],
+            hits=by_cache[CacheStatus.HIT],
+            misses=by_cache[CacheStatus.MISS],
+            stale=by_cache[CacheStatus.STALE],
+            revalidated=by_cache[CacheStatus.REVALIDATED],
+            offline=by_cache[CacheStatus.OFFLINE],
+            bypass=by_cache[CacheStatus.BYPASS],
             errors=mine.get("errors", 0),
             from_cache=from_cache,
             hit_ratio=from_cache / (from_cache + misses)
