@@ -159,3 +159,20 @@ class TieredStoreTests(TestCase):
         await one.settled(URL)
         self.assertEqual(await one.local.lookup(URL), [])
         self.assertEqual(await one.shared.lookup(URL), [])
+
+    def test_backlog_uploaded_when_the_store_is_back(self) -> defer.Deferred[None]:
+        """A body committed while the store was unusable is uploaded once the
+        store answers again."""
+        return defer.Deferred.fromCoroutine(self._backlog())
+
+    async def _backlog(self) -> None:
+        prefix = f"t{os.urandom(6).hex()}/"
+        one = await self._node(prefix)
+        one.shared.health.on_recovered = one.store_back
+        one.shared.health.failed(OSError("down for the test"))
+        stored = await self._put(one, b"z" * 7000)
+        self.assertEqual(await one.shared.client.list(prefix), [])
+        one.shared.health.succeeded()
+        await one.settled(URL)
+        [found] = await one.shared.lookup(URL)
+        self.assertEqual(found.digest, stored.digest)

@@ -9,6 +9,7 @@ in ``/status.json``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -31,6 +32,8 @@ class Health:
         self.since = clock.seconds()
         self.failures = 0
         self._logged_at: float | None = None
+        self.on_recovered: Callable[[], object] = lambda: None
+        """Called when the store answers again after failing."""
 
     def failed(self, error: object) -> None:
         """An operation could not reach the store (or the store failed it)."""
@@ -56,6 +59,7 @@ class Health:
             self.since = self._clock.seconds()
             self._logged_at = None
             _log.info("shared store {where} reachable again", where=self.where)
+            self.on_recovered()
 
     def snapshot(self) -> dict[str, Any]:
         """``shared_store`` in ``/status.json``."""

@@ -64,6 +64,7 @@ class Fleet:
             self.client, location.prefix, self.health, reactor, self.node, self._apply
         )
         self.store.on_remove = self.purges.publish
+        self.health.on_recovered = self.store.store_back
         self._reactor = reactor
         self._endpoint: Endpoint | None = None
         self._upstream: FleetUpstream | None = None

@@ -46,6 +46,9 @@ _DONE = Failure(ResponseDone())
 IDLE_TIMEOUT = 30.0
 """Seconds of silence from the store, mid-body, before a read gives up."""
 
+BACKLOG = 10_000
+"""Entries remembered for upload after an outage (the oldest forgotten)."""
+
 UPLOADS = 4
 """Uploads at a time; the others queue (each holds its lease until done)."""
 
@@ -72,6 +75,8 @@ class TieredStore:
         """Uploads in progress, by (url, variant)."""
         self._copying: set[tuple[str, str]] = set()
         self._upload_slots = defer.DeferredSemaphore(UPLOADS)
+        self._backlog: OrderedDict[tuple[str, str], None] = OrderedDict()
+        """Entries committed while the store was unusable, to upload later."""
         self._purges: OrderedDict[tuple[str, str], float] = OrderedDict()
         """Recent purges (``("url"|"prefix", value)`` -> when), here or in
         the fleet: a body whose writer opened before one is not kept."""
@@ -195,6 +200,7 @@ class TieredStore:
         if not self.should_upload(entry.url) or key in self.uploads:
             return
         if not self.shared.available:
+            self._later(key)
             return
         d = self._upload_slots.run(
             lambda: defer.Deferred.fromCoroutine(self.shared.upload(self.local, entry))
@@ -203,6 +209,9 @@ class TieredStore:
         def done(result: object) -> None:
             self.uploads.pop(key, None)
             if isinstance(result, Failure):
+                error = result.value
+                if isinstance(error, S3Error) and error.store_unusable:
+                    self._later(key)
                 _log.warn(
                     "upload of {url} to the shared store failed: {e}",
                     url=entry.url,
@@ -213,6 +222,30 @@ class TieredStore:
         waiter: defer.Deferred[None] = defer.Deferred()
         self.uploads[key] = waiter
         d.addBoth(done)
+
+    def _later(self, key: tuple[str, str]) -> None:
+        """Upload this entry once the store is back (bounded backlog)."""
+        self._backlog[key] = None
+        self._backlog.move_to_end(key)
+        while len(self._backlog) > BACKLOG:
+            self._backlog.popitem(last=False)
+
+    def store_back(self) -> defer.Deferred[None]:
+        """The store answers again: upload what was committed meanwhile."""
+        return defer.Deferred.fromCoroutine(self._upload_backlog())
+
+    async def _upload_backlog(self) -> None:
+        backlog, self._backlog = self._backlog, OrderedDict()
+        if backlog:
+            _log.info("uploading {n} entries stored during the outage", n=len(backlog))
+        for url, variant in backlog:
+            try:
+                entries = await self.local.lookup(url)
+            except Exception:
+                continue
+            for entry in entries:
+                if entry.variant == variant:
+                    self._committed(entry)
 
     def purged(self, record: dict[str, str]) -> None:
         """A purge happened (here or on another node): downloads in progress
