@@ -32,11 +32,10 @@ from twisted.python.failure import Failure
 import cachingproxy
 from cachingproxy.cache.store import DiskStore
 from cachingproxy.config import ProxyConfig
-from cachingproxy.service import ProxyService
 from cachingproxy.workers import lifeline, run_dir
 from cachingproxy.workers.balance import create_table
+from cachingproxy.workers.plan import FIRST_FD, WorkerPlan
 from cachingproxy.workers.sockets import Bound, bind_all
-from cachingproxy.workers.worker import FIRST_FD, WorkerPlan
 
 _log = Logger()
 
@@ -129,7 +128,10 @@ class Supervisor(Service):
         except Exception as e:
             _fatal(f"--cache-dir {config.cache_dir}: cannot open the cache: {e}")
         store.close()
-        ProxyService(config, self.reactor)._interception()
+        if config.intercept:  # the CA, made once here
+            from cachingproxy.service import ProxyService
+
+            ProxyService(config, self.reactor)._interception()
         for name in SHARED:
             path = run_dir(config.cache_dir, name)
             shutil.rmtree(path, ignore_errors=True)

@@ -14,11 +14,9 @@ import signal
 import sys
 from typing import Any
 
-from attrs import frozen
 from twisted.internet.interfaces import IStreamServerEndpoint
 
 from cachingproxy.cache.store import DiskStore
-from cachingproxy.config import ProxyConfig
 from cachingproxy.interfaces import ICacheStore
 from cachingproxy.ops.stats import Stats
 from cachingproxy.service import ProxyService
@@ -26,26 +24,8 @@ from cachingproxy.workers import lifeline, run_dir
 from cachingproxy.workers.balance import Balancer
 from cachingproxy.workers.coordination import SharedDownloads
 from cachingproxy.workers.digests import SharedDigests
-from cachingproxy.workers.sockets import AdoptedEndpoint, Bound
-
-
-@frozen
-class WorkerPlan:
-    """What a worker needs from its supervisor."""
-
-    config: ProxyConfig
-    slot: int
-    """Which of the N workers this is (0-based; a replacement keeps the slot)."""
-    count: int
-    """N."""
-    sockets: tuple[Bound, ...]
-    """The supervisor's sockets; the worker has them at fds 3, 4, …"""
-    supervisor: int
-    """The supervisor's pid."""
-
-
-FIRST_FD = 3
-"""The worker's descriptor for ``sockets[0]``; the others follow."""
+from cachingproxy.workers.plan import FIRST_FD, WorkerPlan
+from cachingproxy.workers.sockets import AdoptedEndpoint
 
 
 class WorkerService(ProxyService):
