@@ -177,7 +177,8 @@ class CachedPath:
         stale entry it revalidated, if any)."""
         config = self._config
         if outcome.kind is OutcomeKind.STREAM:
-            # A body that is complete but not yet committed is already ours.
+            # A body complete but not yet committed (followed only after the
+            # last handover) is already ours.
             cache = CacheStatus.HIT if download.body_complete else CacheStatus.MISS
             return FollowDownload(
                 download, outcome.status, outcome.phrase, outcome.headers, cache
