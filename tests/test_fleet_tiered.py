@@ -176,3 +176,34 @@ class TieredStoreTests(TestCase):
         await one.settled(URL)
         [found] = await one.shared.lookup(URL)
         self.assertEqual(found.digest, stored.digest)
+
+    def test_remove_prefix(self) -> defer.Deferred[None]:
+        """A prefix purge deletes the shared objects of every URL under it
+        (and only those) and tells the fleet."""
+        return defer.Deferred.fromCoroutine(self._prefix())
+
+    async def _prefix(self) -> None:
+        prefix = f"t{os.urandom(6).hex()}/"
+        one = await self._node(prefix)
+        told: list[dict[str, str]] = []
+        one.on_remove = told.append
+        urls = [
+            "https://files.example/packages/a-1.0.tar.gz",
+            "https://files.example/packages/b-1.0.tar.gz",
+            "https://files.example/other/c-1.0.tar.gz",
+        ]
+        for url in urls:
+            writer = await one.open_writer(url)
+            writer.write(url.encode())
+            await writer.commit(make_entry(url))
+            await one.settled(url)
+        removed = await one.remove_prefix("https://files.example/packages/")
+        self.assertEqual(removed, 2)
+        self.assertEqual(told, [{"prefix": "https://files.example/packages/"}])
+        left = [
+            layout.decode_header(
+                await one.shared.client.get_bytes(o.key, 0, layout.HEADER_PROBE), o.key
+            ).url
+            for o in await one.shared.client.list(prefix + "objects/")
+        ]
+        self.assertEqual(left, [urls[2]])
