@@ -133,6 +133,9 @@ class ProxyService(Service):
                 _fatal(f"--cache-dir {config.cache_dir}: cannot open the cache: {e}")
         if config.shared_store is not None and self.fleet is None:
             from cachingproxy.fleet.node import Fleet
+            from cachingproxy.fleet.settings import with_advertised_name
+
+            self.config = config = with_advertised_name(config)
 
             assert self.store is not None
             self.fleet = Fleet(config, self.reactor, self.store)

@@ -32,6 +32,11 @@ class FleetOptionTests(TestCase):
         self.assertEqual(config.shared_store, "s3://bkt/some/prefix/")  # type: ignore[attr-defined]
         self.assertEqual(config.s3_endpoint, "http://127.0.0.1:8333")  # type: ignore[attr-defined]
         self.assertEqual(config.advertise, "http://node-1:3128")  # type: ignore[attr-defined]
+        from cachingproxy.fleet.settings import with_advertised_name
+
+        # requests to the advertised name are for the proxy itself
+        named = with_advertised_name(config)  # type: ignore[arg-type]
+        self.assertEqual(named.names, ("h", "localhost", "node-1"))
 
     def test_defaults(self) -> None:
         config = self._config()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
+import attrs
+
 from cachingproxy.config import ProxyConfig
 from cachingproxy.fleet.layout import parse_location
 
@@ -60,6 +62,18 @@ def check_fleet(config: ProxyConfig) -> str | None:
         if value is not None and config.shared_store is None:
             return f"--{option}: needs --shared-store"
     return None
+
+
+def with_advertised_name(config: ProxyConfig) -> ProxyConfig:
+    """``config`` answering to the host name of its ``--advertise`` URL too,
+    so the other nodes' requests to it are addressed to the proxy itself
+    (SPEC 2.3), not forwarded."""
+    if config.advertise is None:
+        return config
+    host = (urlsplit(config.advertise).hostname or "").lower()
+    if not host or host in config.names:
+        return config
+    return attrs.evolve(config, names=(*config.names, host))
 
 
 OPTIONS = {
