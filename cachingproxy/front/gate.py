@@ -6,7 +6,10 @@ twisted.web reads a whole request body (spooling anything over 100 kB to a
 temporary file) before the resource sees the request; without this gate a
 client outside ``--allow-client``, or without ``--proxy-auth`` credentials,
 could fill the temporary directory before being refused.  The request path
-checks the same things again; the gate only refuses earlier.
+checks the same things again; the gate only refuses earlier.  Credentials are
+checked here only for requests that announce a body: a body-less request
+gets its ``407`` from the request path, on a connection kept alive for the
+client's retry with credentials.
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ def declared_too_large(headers: Headers, limit: int = MAX_REQUEST_BODY) -> bool:
     return length is not None and length > limit
 
 
+def has_body(headers: Headers) -> bool:
+    """Whether a request head announces a body (chunked or a length > 0)."""
+    if headers.hasHeader(b"transfer-encoding"):
+        return True
+    values = headers.getRawHeaders(b"content-length") or []
+    return any(v.strip() not in (b"", b"0") for v in values)
+
+
 class HeadGate:
     """The head-time checks of one proxy's configuration."""
 
@@ -74,6 +85,7 @@ class HeadGate:
         if (
             self._auth is None
             or intercepted
+            or not has_body(headers)  # the request path answers 407 as usual
             or not self._needs_auth(local, method, target, headers)
         ):
             return None
@@ -116,4 +128,5 @@ __all__ = [
     "Refusal",
     "client_allowed",
     "declared_too_large",
+    "has_body",
 ]
