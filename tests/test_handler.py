@@ -550,3 +550,35 @@ class MergedMirrorTests(TestCase):
         self.assertEqual(reply.status, 200)
         self.assertIn(b"http://localhost:3128/pypi/simple/a/", reply.body)
         self.assertIn(b"http://localhost:3128/pypi/simple/b/", reply.body)
+
+
+class RemoteHeadTests(TestCase):
+    def test_remote_download_head_entry(self) -> None:
+        """A download another worker runs is checked for joining like a
+        local one: its published head as an entry, aged from the owner's
+        claim (SPEC 5, 11)."""
+        from cachingproxy.workers.claims import Claims, ClaimState
+        from cachingproxy.workers.remote import RemoteDownload
+
+        clock = Clock()
+        clock.advance(START)
+        cache_dir = self.mktemp()
+        remote = RemoteDownload(
+            url=PAGE,
+            claims=Claims(cache_dir + "/claims", clock.seconds),
+            cache_dir=cache_dir,
+            clock=clock,
+            take_over=lambda claim: None,
+        )
+        self.assertIsNone(remote.head_entry())
+        remote._head = ClaimState(
+            id="x",
+            url=PAGE,
+            pid=1,
+            status=200,
+            headers=(("Cache-Control", "max-age=10"), ("Age", "5")),
+            started_at=START - 10,
+        )
+        entry = remote.head_entry()
+        assert entry is not None
+        self.assertEqual((entry.status, entry.initial_age), (200, 15.0))

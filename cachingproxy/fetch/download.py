@@ -224,8 +224,8 @@ class Download:
         """The entry this download's response would make if it were stored
         now (None before a storable head): what a client that wants to join
         it is checked against."""
-        if getattr(self, "_head_at", None) is None:
-            return None  # no head yet (or a RemoteDownload: its own worker checks)
+        if self._head_at is None:
+            return None
         now, headers = self._clock.seconds(), tuple(self._headers)
         age = corrected_age(headers, self.started_at, now)
         return StoredResponse(

@@ -27,6 +27,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cachingproxy.cache import policy
+from cachingproxy.cache.age import corrected_age
+from cachingproxy.cache.entry import StoredResponse
 from cachingproxy.cache.pump import Pump
 from cachingproxy.errors import BodyMissing
 from cachingproxy.fetch.download import Download
@@ -211,6 +213,18 @@ class RemoteDownload(Download):
     @property
     def bytes_written(self) -> int:
         return self._size
+
+    def head_entry(self) -> StoredResponse | None:
+        """The entry the owner's published head would make now (its age
+        counted from when the owner claimed the download)."""
+        head = self._head
+        if head is None:
+            return None
+        now, headers = self._clock.seconds(), tuple(head.headers)
+        age = corrected_age(headers, head.started_at or self.started_at, now)
+        return StoredResponse(
+            self.url, self.variant, self.vary, head.status, headers, now, age
+        )
 
     def purge(self) -> None:
         self.purged = True
