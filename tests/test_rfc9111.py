@@ -247,6 +247,34 @@ class HTTPDateTests(SynchronousTestCase):
             )
 
 
+class MissingDateTests(SynchronousTestCase):
+    def test_expires_without_a_valid_date_counts_from_arrival(self) -> None:
+        """RFC 9111 4.2.1: with no (valid) Date, the time the response was
+        received stands in for it; the response is storable and fresh until
+        its Expires."""
+        import re
+
+        from cachingproxy.cache.entry import StoredResponse
+
+        rule = Rule(re.compile(""), None, name="origin")
+        arrived = 1_780_000_000.0
+        expires = datetimeToString(arrived + 3600).decode()
+        for date in ((), (("Date", "yesterday"),)):
+            headers = (("Expires", expires), *date)
+            self.assertTrue(policy.is_storable(rule, 200, headers, 60, arrived))
+            entry = StoredResponse(
+                url="http://a.test/",
+                variant="",
+                vary=(),
+                status=200,
+                headers=headers,
+                stored_at=arrived,
+            )
+            self.assertEqual(policy.freshness_lifetime(rule, entry, 300, 60), 3600.0)
+            self.assertTrue(policy.is_fresh(rule, entry, arrived + 3599, 300, 60))
+            self.assertFalse(policy.is_fresh(rule, entry, arrived + 3601, 300, 60))
+
+
 class ExpiresTests(TestCase):
     async def test_invalid_expires_not_served_from_cache(self) -> None:
         """A response whose Expires is a two-digit-year date far in the

@@ -182,8 +182,10 @@ def is_storable(
     status: int,
     response_headers: Iterable[Header],
     negative_ttl: float,
+    received: float | None = None,
 ) -> bool:
-    """Whether a GET response may become a cache entry (SPEC 3)."""
+    """Whether a GET response may become a cache entry (SPEC 3);
+    ``received``: when it arrived (stands in for a missing or invalid Date)."""
     items = list(response_headers)
     if H.get(items, "set-cookie") is not None or parse_vary(items) is None:
         return False
@@ -205,7 +207,7 @@ def is_storable(
     has_validator = (
         H.get(items, "etag") is not None or H.get(items, "last-modified") is not None
     )
-    lifetime = _origin_lifetime(status, items)
+    lifetime = _origin_lifetime(status, items, received)
     return lifetime > 0 or has_validator
 
 
@@ -218,8 +220,11 @@ def _http_date(value: str | None) -> float | None:
     return H.parse_http_date(value)
 
 
-def _origin_lifetime(status: int, items: list[Header]) -> float:
-    """RFC 9111 4.2.1 freshness lifetime for a shared cache."""
+def _origin_lifetime(
+    status: int, items: list[Header], received: float | None = None
+) -> float:
+    """RFC 9111 4.2.1 freshness lifetime for a shared cache; without a valid
+    ``Date`` the time the response was ``received`` stands in for it."""
     cc = H.parse_cache_control(H.get(items, "cache-control"))
     if "no-cache" in cc:
         return 0.0
@@ -229,12 +234,12 @@ def _origin_lifetime(status: int, items: list[Header]) -> float:
     expires_value = H.get(items, "expires")
     if expires_value is not None:
         expires = _http_date(expires_value)
-        date = _http_date(H.get(items, "date"))
+        date = _http_date(H.get(items, "date")) or received
         if expires is None or date is None:
             return 0.0
         return max(0.0, expires - date)
     last_modified = _http_date(H.get(items, "last-modified"))
-    date = _http_date(H.get(items, "date"))
+    date = _http_date(H.get(items, "date")) or received
     if last_modified is not None and date is not None and status in _HEURISTIC_STATUSES:
         return min(max(0.0, (date - last_modified) / 10), 86400.0)
     return 0.0
@@ -248,7 +253,7 @@ def freshness_lifetime(
 ) -> float:
     """How long ``entry`` stays fresh under ``rule``, in seconds (may be inf)."""
     if rule.ttl is None:
-        return _origin_lifetime(entry.status, list(entry.headers))
+        return _origin_lifetime(entry.status, list(entry.headers), entry.stored_at)
     if entry.status in (404, 410):
         return negative_ttl
     if entry.status in (301, 308):

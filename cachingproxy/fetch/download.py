@@ -343,7 +343,11 @@ class Download:
         if (
             vary is None
             or not policy.is_storable(
-                self._rule, status, headers, self._settings.negative_ttl
+                self._rule,
+                status,
+                headers,
+                self._settings.negative_ttl,
+                self._clock.seconds(),
             )
             or (length is not None and length > self._settings.max_object_size)
         ):
