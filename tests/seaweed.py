@@ -90,6 +90,14 @@ class Seaweed:
         self.process = subprocess.Popen(
             self.argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.dir
         )
+        try:
+            self._wait_up(timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _wait_up(self, timeout: float) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -142,8 +150,8 @@ def shared_seaweed() -> Seaweed:
     os.environ.update(CREDENTIALS)
     if _shared is None or _shared.process is None or _shared.process.poll() is not None:
         _shared = Seaweed()
+        atexit.register(_shared.close)  # even if it fails to come up
         _shared.start()
-        atexit.register(_shared.close)
     return _shared
 
 

@@ -69,8 +69,8 @@ class FleetOpsTests(TestCase):
         if weed_binary() is None:
             self.skipTest("weed not installed")
         weed = Seaweed()  # this test's own: it kills it
-        weed.start()
         self.addCleanup(weed.close)
+        weed.start()
         s3, prefix = await make_bucket(self, weed)
         origin = StoppableOrigin(self)
         one, two = os.urandom(50_000), os.urandom(60_000)
