@@ -9,7 +9,7 @@ import os
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from tests.fleetnodes import make_bucket, objects, start_nodes, wait_until
+from tests.fleetnodes import Node, make_bucket, objects, start_nodes, wait_until
 from tests.seaweed import shared_seaweed
 from tests.support import (
     RawClient,
@@ -121,7 +121,9 @@ async def _lost(client: RawClient) -> None:
     await client.lost
 
 
-class WorkersLeaseTests(TestCase):
+class SetUpsTests(TestCase):
+    """Leases with other node set-ups: workers, no --advertise."""
+
     timeout = 240
 
     def test_nodes_with_workers(self) -> defer.Deferred[None]:
@@ -148,3 +150,32 @@ class WorkersLeaseTests(TestCase):
             status, _, got = parse_raw_response(bytes(c.received))
             self.assertEqual((status, got == body), (200, True))
         self.assertEqual(origin.origin.count("/w-1.0.tar.gz"), 1)
+
+    def test_without_advertise_the_others_wait(self) -> defer.Deferred[None]:
+        """Nodes without --advertise: a cold request on the second node waits
+        for the first node's object instead of fetching (one origin GET) and
+        is served that object whole."""
+        return defer.Deferred.fromCoroutine(self._no_advertise())
+
+    async def _no_advertise(self) -> None:
+        weed = shared_seaweed()
+        _, prefix = await make_bucket(self, weed)
+        origin = StoppableOrigin(self)
+        body = os.urandom(1 * MiB)
+        gate: defer.Deferred[None] = defer.Deferred()
+        origin.origin.route("/q-1.0.tar.gz", streaming(body, gate=gate))
+        url = f"http://127.0.0.1:{origin.port}/q-1.0.tar.gz"
+        a, b = (Node(self, weed, prefix, advertise=False) for _ in range(2))
+        for node in (a, b):
+            await node.wait_listening(60)
+        first = await _request(self, a.port, url)
+        await wait_until(lambda: defer.succeed(_body_started(first)), 30)
+        second = await _request(self, b.port, url)
+        await pause(1.0)
+        self.assertFalse(_body_started(second))  # waiting, not fetching
+        gate.callback(None)
+        for c in (first, second):
+            await c.lost
+            status, _, got = parse_raw_response(bytes(c.received))
+            self.assertEqual((status, got == body), (200, True))
+        self.assertEqual(origin.origin.count("/q-1.0.tar.gz"), 1)
