@@ -473,6 +473,9 @@ class CoalescingTests(TestCase):
         http = fresh_client(self, proxy.port)
         _response, got = await fetch(http, url)
         self.assertEqual(got, body)
+        # The dead owner's partial body goes (the supervisor deletes what no
+        # live worker holds open).
+        await wait_for(lambda: not os.listdir(tmp), timeout=30)
 
 
 def _index_bytes(cache_dir: str) -> tuple[int, list[str]]:

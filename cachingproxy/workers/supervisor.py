@@ -22,7 +22,7 @@ import threading
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import ProcessProtocol
@@ -44,6 +44,9 @@ MAX_RESPAWN_DELAY = 3.0
 """A replacement always starts within SPEC 11's 5 seconds."""
 EARLY_DEATH = 5.0
 """A worker that ends sooner than this after starting counts as failing."""
+ORPHAN_SWEEP = 30.0
+"""Seconds between looks for partial bodies no live worker holds (those
+whose dead writer's followers were still reading them at its death)."""
 STOP_GRACE = 15.0
 """Seconds workers get to stop on SIGTERM before they are killed."""
 SHARED = ("metrics", "claims")
@@ -87,6 +90,7 @@ class Supervisor(Service):
         self._delays: dict[int, float] = {}
         self._stopping = False
         self._previous_sighup: Any = None
+        self._sweeper: task.LoopingCall | None = None
 
     # -- start -----------------------------------------------------------------
 
@@ -111,6 +115,9 @@ class Supervisor(Service):
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
         for slot in range(self.count):
             self._spawn(slot)
+        self._sweeper = task.LoopingCall(self._sweep_orphans)
+        self._sweeper.clock = self.reactor
+        self._sweeper.start(ORPHAN_SWEEP, now=False)
 
     def _preflight(self) -> None:
         """Fail once, here, what would fail in every worker; sweep the cache;
@@ -191,6 +198,43 @@ class Supervisor(Service):
         self._respawns[worker.slot] = self.reactor.callLater(
             delay, self._spawn, worker.slot
         )
+        # Now, and again once the survivors following its downloads moved on.
+        self._sweep_orphans()
+        for later in (2.0, 10.0):
+            self.reactor.callLater(later, self._sweep_orphans)
+
+    def _sweep_orphans(self) -> None:
+        """Delete bodies in ``tmp/`` that no live worker holds open: those a
+        dead worker was writing (a live worker keeps each of its bodies open
+        from creation to commit or abort)."""
+        if self._stopping:
+            return
+        tmp = os.path.join(self.config.cache_dir, "tmp")
+        try:  # listed before the open files: a body made after is not seen
+            entries = list(os.scandir(tmp))
+        except OSError:
+            return
+        held: set[str] = set()
+        for worker in list(self.workers.values()):
+            pid = getattr(worker.transport, "pid", None)
+            if pid is None:
+                continue
+            fds = f"/proc/{pid}/fd"
+            try:
+                names = os.listdir(fds)
+            except OSError:
+                return  # cannot tell (no /proc): delete nothing
+            for name in names:
+                with contextlib.suppress(OSError):
+                    held.add(os.readlink(os.path.join(fds, name)))
+        swept = 0
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False) and entry.path not in held:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    swept += 1
+        if swept:
+            _log.info("removed {n} partial bodies of ended workers", n=swept)
 
     def _sighup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self._forward, "HUP")
@@ -207,6 +251,8 @@ class Supervisor(Service):
 
     async def _stop(self) -> None:
         self._stopping = True
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
         for call in self._respawns.values():
             if call.active():
                 call.cancel()
