@@ -339,15 +339,11 @@ class Download:
             )
             return None
         length = response.length if isinstance(response.length, int) else None
-        vary = policy.parse_vary(headers)
+        vary, now = policy.parse_vary(headers), self._clock.seconds()
         if (
             vary is None
             or not policy.is_storable(
-                self._rule,
-                status,
-                headers,
-                self._settings.negative_ttl,
-                self._clock.seconds(),
+                self._rule, status, headers, self._settings.negative_ttl, now
             )
             or (length is not None and length > self._settings.max_object_size)
         ):
