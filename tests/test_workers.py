@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent
 
 from .support import (
@@ -579,3 +579,80 @@ class SharedDigestsTests(TestCase):
         self.assertEqual(two.get("http://x.test/a.whl"), ("sha256", "ab" * 32))
         one.add({"http://x.test/a.whl": ("md5", "cd" * 16)})
         self.assertEqual(two.get("http://x.test/a.whl"), ("md5", "cd" * 16))
+
+
+class ClaimsTests(SynchronousTestCase):
+    """The claims directory (workers/claims.py) in one process: flock
+    excludes a second open file description as it does another process."""
+
+    def setUp(self) -> None:
+        from cachingproxy.workers.claims import Claims
+
+        self.now = 1000.0
+        self.claims = Claims(self.mktemp(), lambda: self.now)
+        self.url = "http://x.test/a-1.0.whl"
+
+    def test_one_owner(self) -> None:
+        """A held claim cannot be taken; released, it can, with a new id;
+        the owner is alive exactly while it holds it."""
+        first = self.claims.acquire(self.url)
+        assert first is not None
+        self.assertIsNone(self.claims.acquire(self.url))
+        self.assertTrue(self.claims.owner_alive(self.url))
+        first.release(state="done", size=3)
+        self.assertFalse(self.claims.owner_alive(self.url))
+        state = self.claims.read(self.url)
+        assert state is not None
+        self.assertEqual((state.state, state.size), ("done", 3))
+        second = self.claims.acquire(self.url)
+        assert second is not None
+        self.assertNotEqual(second.state.id, first.state.id)
+        second.release()
+
+    def test_published_state_round_trips(self) -> None:
+        """What the owner publishes is what followers read, headers and all;
+        a watch sees each replacement."""
+        claim = self.claims.acquire(self.url)
+        assert claim is not None
+        watch = self.claims.watch(self.url)
+        self.assertEqual(watch.read(), claim.state)
+        claim.publish(
+            state="stream",
+            status=200,
+            headers=(("Content-Length", "3"), ("ETag", '"v1"')),
+            body="ab" * 16,
+            total=3,
+        )
+        state = watch.read()
+        assert state is not None
+        self.assertEqual(state.headers, (("Content-Length", "3"), ("ETag", '"v1"')))
+        self.assertEqual(
+            (state.state, state.total, state.body), ("stream", 3, "ab" * 16)
+        )
+        self.assertEqual(self.claims.in_flight(), [state])
+        claim.release(state="failed")
+        self.assertEqual(self.claims.in_flight(), [])
+
+    def test_unless(self) -> None:
+        """``unless`` sees the previous state once locked and can decline."""
+        claim = self.claims.acquire(self.url)
+        assert claim is not None
+        claim.release(state="done", size=1)
+        seen = []
+
+        def just_done(previous: Any) -> bool:
+            seen.append(previous.state)
+            return True
+
+        self.assertIsNone(self.claims.acquire(self.url, unless=just_done))
+        self.assertEqual(seen, ["done"])
+        self.assertFalse(self.claims.owner_alive(self.url))
+
+    def test_purge_marks(self) -> None:
+        """A purge marks the claims in flight it matches, not the others."""
+        claim = self.claims.acquire(self.url)
+        other = self.claims.acquire("http://y.test/b-1.0.whl")
+        assert claim is not None and other is not None
+        self.assertEqual(self.claims.mark_purged(lambda u: u.startswith("http://x")), 1)
+        self.assertTrue(claim.purged)
+        self.assertFalse(other.purged)

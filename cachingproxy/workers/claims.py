@@ -189,6 +189,10 @@ class Claims:
             return None
         return state if state.url == url else None
 
+    def watch(self, url: str) -> StateWatch:
+        """A reader of ``url``'s state that parses it only when it changed."""
+        return StateWatch(self, url)
+
     def owner_alive(self, url: str) -> bool:
         """Whether some worker holds ``url``'s claim now."""
         path = self._path(key_of(url), ".lock")
@@ -230,6 +234,31 @@ class Claims:
         return marked
 
 
+class StateWatch:
+    """Reads one claim's state again only when its file was replaced."""
+
+    def __init__(self, claims: Claims, url: str) -> None:
+        self._claims = claims
+        self._url = url
+        self._path = claims._path(key_of(url), ".json")
+        self._stamp: tuple[int, int, int] | None = None
+        self._state: ClaimState | None = None
+
+    def read(self) -> ClaimState | None:
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            self._stamp, self._state = None, None
+            return None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            state = self._claims.read(self._url)
+            # Keep the stamp only for a state read whole (not mid-replace).
+            self._stamp = stamp if state is not None else None
+            self._state = state
+        return self._state
+
+
 def _same_file(fd: int, path: str) -> bool:
     try:
         st = os.stat(path)
@@ -254,5 +283,6 @@ __all__ = [
     "Claim",
     "ClaimState",
     "Claims",
+    "StateWatch",
     "key_of",
 ]

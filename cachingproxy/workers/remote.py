@@ -142,6 +142,7 @@ class RemoteDownload(Download):
         self._take_over = take_over
         self._on_remote_done = on_done
         self._state: ClaimState | None = None
+        self._watch = claims.watch(url)
         self._ignore = ignore
         self._head: ClaimState | None = None
         """The generation whose head the clients were sent."""
@@ -258,7 +259,7 @@ class RemoteDownload(Download):
         return os.pread(self._fd, length, offset)
 
     def _tick(self) -> None:
-        state = self._claims.read(self.url)
+        state = self._watch.read()
         if state is not None and state.id != self._ignore:
             if self._state is not None and state.id != self._state.id:
                 # A new owner: its body file comes with its head.
