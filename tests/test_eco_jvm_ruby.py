@@ -49,21 +49,25 @@ def _etag(data: bytes) -> str:
     return f'"{hashlib.md5(data).hexdigest()}"'
 
 
-async def build_gems(test: TestCase) -> dict[str, tuple[str, dict[str, str], bytes]]:
-    """demo 1.0.0 (needs demolib) and demolib 1.0.0, built by ``gem build``."""
+async def build_gems(
+    test: TestCase, versions: dict[str, str] | None = None
+) -> dict[str, tuple[str, dict[str, str], bytes]]:
+    """demo 1.0.0 (needs demolib) and demolib 1.0.0 (or ``versions``),
+    built by ``gem build``."""
     gem = need("gem", ".ci/run installs ruby")
     gems = {}
     for name, deps in (("demolib", {}), ("demo", {"demolib": ">= 1.0"})):
         src = os.path.abspath(test.mktemp())
         write(os.path.join(src, "lib", f"{name}.rb"), f"# {name}\n".encode())
+        version = (versions or {}).get(name, "1.0.0")
         write(
-            os.path.join(src, f"{name}.gemspec"), gemspec(name, "1.0.0", deps).encode()
+            os.path.join(src, f"{name}.gemspec"), gemspec(name, version, deps).encode()
         )
         result = await run_process(
             [gem, "build", f"{name}.gemspec"], env=no_proxy_env(), path=src
         )
         assert_ok(test, result)
-        gems[name] = ("1.0.0", deps, read(os.path.join(src, f"{name}-1.0.0.gem")))
+        gems[name] = (version, deps, read(os.path.join(src, f"{name}-{version}.gem")))
     return gems
 
 
@@ -186,6 +190,96 @@ class RubyGemsTests(TestCase):
             self.assertEqual(
                 set(caches.get(f"/gems/{name}-{version}.gem", [])), {"HIT"}, caches
             )
+
+
+class BundlerAppendTests(TestCase):
+    """Bundler keeps its copy of the compact index and asks only for what
+    was appended since: through the cache too."""
+
+    timeout = 300
+
+    def test_new_release_appended(self) -> defer.Deferred[None]:
+        """After a first ``bundle install``, demolib 1.1.0 is published (a
+        line appended to ``/versions`` and ``/info/demolib``, as rubygems.org
+        does); a second ``bundle install`` that needs it, with Bundler's own
+        index copy kept, asks ``Range: bytes=N-`` and gets a 206 from the
+        cache (revalidated upstream, ``--index-ttl 0``), appends it, finds
+        the MD5 ETag right, and installs demolib 1.1.0."""
+        return run(self._append())
+
+    async def _append(self) -> None:
+        bundle = need("bundle", ".ci/run installs ruby-bundler")
+        gems = await build_gems(self)
+        newer = await build_gems(self, versions={"demolib": "1.1.0"})
+        origin = StoppableOrigin(self)
+        files = compact_index(gems)
+
+        def publish(files: dict[str, bytes]) -> None:
+            for path, body in files.items():
+                origin.origin.static(
+                    f"/{path}", body, [("Content-Type", "text/plain")], etag=_etag(body)
+                )
+
+        publish(files)
+        for name, (version, _, data) in [*gems.items(), ("demolib", newer["demolib"])]:
+            origin.origin.static(f"/gems/{name}-{version}.gem", data)
+        base = f"http://127.0.0.1:{origin.port}/"
+        port, log = mount(self, ("/rubygems/", base, "rubygems"), index_ttl=0.0)
+        mirror = f"http://127.0.0.1:{port}/rubygems/"
+        app, home = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        env = no_proxy_env(
+            HOME=home,
+            BUNDLE_USER_HOME=os.path.join(home, ".bundle"),
+            BUNDLE_PATH=os.path.join(home, "bundle"),
+            BUNDLE_GEMFILE=os.path.join(app, "Gemfile"),
+            BUNDLE_RETRY="0",
+        )
+        write(
+            os.path.join(app, "Gemfile"), b'source "https://rubygems.org"\ngem "demo"\n'
+        )
+        assert_ok(
+            self,
+            await run_process(
+                [
+                    bundle,
+                    "config",
+                    "set",
+                    "--global",
+                    "mirror.https://rubygems.org",
+                    mirror,
+                ],
+                env=env,
+                path=app,
+            ),
+        )
+        assert_ok(
+            self, await run_process([bundle, "install"], env=env, path=app, timeout=120)
+        )
+
+        _, _, data = newer["demolib"]
+        info = files["info/demolib"] + (
+            f"1.1.0 |checksum:{hashlib.sha256(data).hexdigest()}\n".encode()
+        )
+        versions = (
+            files["versions"]
+            + f"demolib 1.1.0 {hashlib.md5(info).hexdigest()}\n".encode()
+        )
+        publish({"versions": versions, "info/demolib": info})
+        seen = len(access_log(log))
+        os.remove(os.path.join(app, "Gemfile.lock"))
+        write(
+            os.path.join(app, "Gemfile"),
+            b'source "https://rubygems.org"\ngem "demo"\ngem "demolib", ">= 1.1"\n',
+        )
+        result = await run_process([bundle, "install"], env=env, path=app, timeout=120)
+        assert_ok(self, result)
+        self.assertIn("demolib 1.1.0", result.output)
+        later = [
+            (u[len(base) - 1 :], status) for u, status, _, _ in access_log(log)[seen:]
+        ]
+        self.assertIn(("/versions", "206"), later)
+        self.assertIn(("/info/demolib", "206"), later)
 
 
 class CompactIndexTests(TestCase):
