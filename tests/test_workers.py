@@ -656,3 +656,18 @@ class ClaimsTests(SynchronousTestCase):
         self.assertEqual(self.claims.mark_purged(lambda u: u.startswith("http://x")), 1)
         self.assertTrue(claim.purged)
         self.assertFalse(other.purged)
+
+    def test_forget(self) -> None:
+        """A released claim's state is removed by forget() unless a new
+        claim was taken meanwhile."""
+        claim = self.claims.acquire(self.url)
+        assert claim is not None
+        claim.release(state="done", size=1)
+        again = self.claims.acquire(self.url)
+        assert again is not None
+        claim.forget()
+        self.assertEqual(self.claims.read(self.url), again.state)
+        again.release(state="done", size=1)
+        again.forget()
+        self.assertIsNone(self.claims.read(self.url))
+        self.assertEqual(os.listdir(self.claims.directory), [])

@@ -118,7 +118,7 @@ class Claim:
 
     def release(self, **final: Any) -> None:
         """Publish the final state and let go (the state file stays, for
-        followers that have not read it yet, until the next claim)."""
+        followers that have not read it yet, until :meth:`forget`)."""
         if not self.held:
             return
         if final:
@@ -129,6 +129,19 @@ class Claim:
             os.unlink(self._claims._path(self.key, ".purged"))
         os.close(self._fd)
         self._fd = -1
+
+    def forget(self) -> None:
+        """Remove the final state (once followers have had time to read it),
+        unless another claim has been taken since."""
+        if self.held:
+            return
+        claims = self._claims
+        if os.path.exists(claims._path(self.key, ".lock")):
+            return  # a new owner; its state replaces ours
+        current = claims.read(self.state.url)
+        if current is not None and current.id == self.state.id:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(claims._path(self.key, ".json"))
 
 
 class Claims:

@@ -42,6 +42,11 @@ stored body rather than fetched again (its commit may not have been seen by
 this worker's lookup)."""
 
 
+FORGET_AFTER = 30.0
+"""Seconds a finished download's state stays for followers in other workers
+(they poll every 10 ms; a just-stored body is followed for JUST_DONE)."""
+
+
 @frozen
 class InFlight:
     """A download in flight in some worker, for ``/status.json``."""
@@ -158,6 +163,7 @@ class SharedDownloads:
                 claim.release(state=DONE, size=download.bytes_written, ended_at=now)
             else:
                 claim.release(state=FAILED, ended_at=now)
+            self._clock.callLater(FORGET_AFTER, claim.forget)
 
         _outcome_of(download, self._clock).addCallback(head).addErrback(
             lambda f: _log.failure("publishing {url}", f, url=download.url)
