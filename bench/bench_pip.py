@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Benchmark: ``pip install`` of 20 wheels through the mirror, cold and warm;
-with ``--ecosystems all``, each ecosystem's own client (pip, go, cargo, gem)
+with ``--ecosystems all``, each ecosystem's own client (pip, go, cargo, gem, apt)
 through its preset, cold and warm, as ratios to the client installing from a
 local directory (bench/ecosystems.py).
 
@@ -417,7 +417,7 @@ def main() -> None:
         default="",
         help="instead: a per-ecosystem table (cold, warm with the origin stopped,"
         " floor) for these clients, comma-separated, or 'all'"
-        " (pip, go, cargo, gem); --wheels packages of --size bytes each",
+        " (pip, go, cargo, gem, apt); --wheels packages of --size bytes each",
     )
     parser.add_argument("--serve-origin", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -13,7 +13,7 @@ protocol kept, the upstream swapped):
   cache), the client's own cache empty again;
 * floor -- the client installing from the local directory, no HTTP at all
   (``pip --find-links``, ``GOPROXY=file://``, a cargo ``local-registry``,
-  ``gem install --local``).
+  ``gem install --local``, apt with a ``file:`` source).
 
 One run each; wall-clock seconds of the client process.
 """
@@ -300,11 +300,125 @@ class Gem(Ecosystem):
         return self._gem("--local", cwd=self.local)
 
 
+class Apt(Ecosystem):
+    name, tool = "apt", "apt-get"
+    mirrors = ("debian", "/debian/={origin}")
+
+    def build(self, origin: str) -> None:
+        arch = subprocess.run(
+            ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        self.arch, self.packages = arch, []
+        for i in range(self.count):
+            name = f"bench-deb-{i:02d}"
+            src = _fresh(self.tmp, "debsrc")
+            os.makedirs(os.path.join(src, "DEBIAN"))
+            with open(os.path.join(src, "DEBIAN", "control"), "w") as f:
+                f.write(
+                    f"Package: {name}\nVersion: 1.0\nArchitecture: all\n"
+                    "Maintainer: bench <bench@example.invalid>\nDescription: bench\n"
+                )
+            os.makedirs(os.path.join(src, "usr", "share", name))
+            with open(os.path.join(src, "usr", "share", name, "data"), "wb") as f:
+                f.write(os.urandom(self.size))
+            pool = os.path.join(self.root, "pool", "main", "b", name)
+            os.makedirs(pool)
+            _timed(
+                [
+                    "dpkg-deb",
+                    "--root-owner-group",
+                    "-Znone",
+                    "--build",
+                    src,
+                    os.path.join(pool, f"{name}_1.0_all.deb"),
+                ],
+                _env(),
+            )
+            self.packages.append(name)
+        binary = os.path.join(self.root, "dists", "stable", "main", f"binary-{arch}")
+        os.makedirs(binary)
+        packages = subprocess.run(
+            ["apt-ftparchive", "packages", "pool"],
+            cwd=self.root,
+            capture_output=True,
+            check=True,
+        ).stdout
+        with open(os.path.join(binary, "Packages"), "wb") as f:
+            f.write(packages)
+        release = subprocess.run(
+            [
+                "apt-ftparchive",
+                "-o",
+                "APT::FTPArchive::Release::Suite=stable",
+                "-o",
+                f"APT::FTPArchive::Release::Architectures={arch}",
+                "-o",
+                "APT::FTPArchive::Release::Components=main",
+                "release",
+                ".",
+            ],
+            cwd=os.path.join(self.root, "dists", "stable"),
+            capture_output=True,
+            check=True,
+        ).stdout
+        with open(os.path.join(self.root, "dists", "stable", "Release"), "wb") as f:
+            f.write(release)
+
+    def _apt(self, source: str) -> float:
+        base = _fresh(self.tmp, "apt")
+        empty = os.path.join(base, "empty")
+        for d in ("empty", "lists/partial", "cache/archives/partial", "cwd"):
+            os.makedirs(os.path.join(base, d))
+        open(os.path.join(base, "status"), "w").close()
+        with open(os.path.join(base, "sources.list"), "w") as f:
+            f.write(f"deb [trusted=yes] {source} stable main\n")
+        settings = {
+            "Dir::Etc::Parts": empty,
+            "Dir::Etc::Main": "/dev/null",
+            "Dir::Etc::SourceList": os.path.join(base, "sources.list"),
+            "Dir::Etc::SourceParts": empty,
+            "Dir::Etc::Preferences": "/dev/null",
+            "Dir::Etc::PreferencesParts": empty,
+            "Dir::Etc::TrustedParts": empty,
+            "Dir::State": base,
+            "Dir::State::status": os.path.join(base, "status"),
+            "Dir::State::Lists": os.path.join(base, "lists"),
+            "Dir::Cache": os.path.join(base, "cache"),
+            "Dir::Log": base,
+            "Dir::Cache::pkgcache": "",
+            "Dir::Cache::srcpkgcache": "",
+            "APT::Architecture": self.arch,
+            "APT::Sandbox::User": "root",
+            "Acquire::Languages": "none",
+            "Acquire::Retries": "0",
+            "Acquire::http::Proxy": "DIRECT",
+            "Debug::NoLocking": "1",
+        }
+        config = os.path.join(base, "apt.conf")
+        with open(config, "w") as f:
+            f.write("".join(f'{k} "{v}";\n' for k, v in settings.items()))
+        env = _env(APT_CONFIG=config, LC_ALL="C", DEBIAN_FRONTEND="noninteractive")
+        cwd = os.path.join(base, "cwd")
+        try:
+            took = _timed(["apt-get", "-q", "update"], env, cwd=cwd)
+            took += _timed(["apt-get", "-q", "download", *self.packages], env, cwd=cwd)
+            return took
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+    def client(self, cache: str) -> float:
+        return self._apt(f"{cache}/debian/")
+
+    def floor(self) -> float:
+        return self._apt(f"file:{self.root}")
+
+
 ECOSYSTEMS: dict[str, type[Ecosystem]] = {
     "pip": Pip,
     "go": Go,
     "cargo": Cargo,
     "gem": Gem,
+    "apt": Apt,
 }
 
 
