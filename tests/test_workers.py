@@ -27,13 +27,18 @@ from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent
 from .support import (
     NOT_DONE_YET,
     Twistd,
+    cert_pem,
     checkout_env,
     fetch,
+    free_port,
+    key_pem,
+    need,
     parse_raw_response,
     pause,
     raw_connect,
     run,
     run_process,
+    self_signed,
     start_origin,
     wait_for,
 )
@@ -671,3 +676,57 @@ class ClaimsTests(SynchronousTestCase):
         again.forget()
         self.assertIsNone(self.claims.read(self.url))
         self.assertEqual(os.listdir(self.claims.directory), [])
+
+
+class EndpointTests(TestCase):
+    """Every endpoint type is bound once and adopted by each worker."""
+
+    def test_ssl_endpoint(self) -> defer.Deferred[None]:
+        """``--listen ssl:…`` under ``--workers 2``: clients of the proxy over
+        TLS (curl's HTTPS proxy) get the origin's bytes, whichever worker
+        accepted them."""
+        return run(self._ssl())
+
+    async def _ssl(self) -> None:
+        need("curl")
+        cert, key = self_signed("localhost", ca=False)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cert_file, key_file = (os.path.join(directory, n) for n in ("c.pem", "k.pem"))
+        with open(cert_file, "wb") as f:
+            f.write(cert_pem(cert))
+        with open(key_file, "wb") as f:
+            f.write(key_pem(key))
+        tls_port = free_port()
+        origin, oport = start_origin(self)
+        origin.static("/s-1.0.whl", b"s" * 40_000)
+        await start(
+            self,
+            "--listen",
+            f"ssl:{tls_port}:privateKey={key_file}:certKey={cert_file}"
+            ":interface=127.0.0.1",
+        )
+        out = self.mktemp()
+        for _ in range(6):
+            result = await run_process(
+                [
+                    "curl",
+                    "-s",
+                    "-S",
+                    "-o",
+                    out,
+                    "--proxy",
+                    f"https://127.0.0.1:{tls_port}",
+                    "--proxy-insecure",
+                    "--noproxy",
+                    "",
+                    "--max-time",
+                    "30",
+                    f"http://127.0.0.1:{oport}/s-1.0.whl",
+                ],
+                timeout=40,
+            )
+            self.assertEqual(result.code, 0, result.output)
+            with open(out, "rb") as f:
+                self.assertEqual(f.read(), b"s" * 40_000)
+        self.assertEqual(origin.count("/s-1.0.whl"), 1)

@@ -110,11 +110,16 @@ class _Adopting:
         return self._adopt(factory)
 
     def listenSSL(  # noqa: N802
-        self, port: int, factory: Any, context_factory: Any, *args: Any, **kw: Any
+        self,
+        port: int,
+        factory: Any,
+        contextFactory: Any,  # noqa: N803 (SSL4ServerEndpoint passes it by name)
+        *args: Any,
+        **kw: Any,
     ) -> Any:
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
-        return self._adopt(TLSMemoryBIOFactory(context_factory, False, factory))
+        return self._adopt(TLSMemoryBIOFactory(contextFactory, False, factory))
 
     def adoptStreamPort(self, fd: int, family: int, factory: Any) -> Any:  # noqa: N802
         return self._adopt(factory)
