@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent
 
@@ -730,3 +731,47 @@ class EndpointTests(TestCase):
             with open(out, "rb") as f:
                 self.assertEqual(f.read(), b"s" * 40_000)
         self.assertEqual(origin.count("/s-1.0.whl"), 1)
+
+
+class SupervisorUnitTests(SynchronousTestCase):
+    """The supervisor's replacement policy, on a memory reactor."""
+
+    def _supervisor(self) -> Any:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from cachingproxy.config import ProxyConfig
+        from cachingproxy.workers.supervisor import Supervisor
+
+        reactor = MemoryReactorClock()
+        config = ProxyConfig(cache_dir=os.path.abspath(self.mktemp()))
+        return Supervisor(config, 2, reactor=reactor), reactor
+
+    def _end(self, supervisor: Any, reactor: Any, reason: Any) -> None:
+        from cachingproxy.workers.supervisor import _Worker
+
+        worker = _Worker(supervisor, 0, reactor.seconds())
+        reactor.advance(0.01)
+        supervisor._ended(worker, Failure(reason))
+
+    def test_replaced_after_a_kill(self) -> None:
+        """A worker killed by a signal is always replaced, however early."""
+        from twisted.internet.error import ProcessTerminated
+
+        supervisor, reactor = self._supervisor()
+        for _ in range(10):
+            self._end(supervisor, reactor, ProcessTerminated(signal=9))
+        self.assertFalse(reactor.hasStopped)
+        self.assertIn(0, supervisor._respawns)
+        self.assertLessEqual(supervisor._respawns[0].getTime() - reactor.seconds(), 3.0)
+
+    def test_gives_up_on_a_worker_that_cannot_start(self) -> None:
+        """Five exits at start-up in a row stop the supervisor."""
+        from twisted.internet.error import ProcessTerminated
+
+        supervisor, reactor = self._supervisor()
+        for _ in range(4):
+            self._end(supervisor, reactor, ProcessTerminated(exitCode=1))
+        self.assertFalse(reactor.hasStopped)
+        self._end(supervisor, reactor, ProcessTerminated(exitCode=1))
+        self.assertTrue(reactor.hasStopped)
+        self.flushLoggedErrors()

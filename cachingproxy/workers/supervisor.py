@@ -44,6 +44,9 @@ MAX_RESPAWN_DELAY = 3.0
 """A replacement always starts within SPEC 11's 5 seconds."""
 EARLY_DEATH = 5.0
 """A worker that ends sooner than this after starting counts as failing."""
+GIVE_UP = 5
+"""Start-up failures in a row of one worker slot after which the supervisor
+stops instead of replacing it again."""
 ORPHAN_SWEEP = 30.0
 """Seconds between looks for partial bodies no live worker holds (those
 whose dead writer's followers were still reading them at its death)."""
@@ -88,6 +91,7 @@ class Supervisor(Service):
         self.workers: dict[int, _Worker] = {}
         self._respawns: dict[int, IDelayedCall] = {}
         self._delays: dict[int, float] = {}
+        self._failures: dict[int, int] = {}
         self._stopping = False
         self._previous_sighup: Any = None
         self._sweeper: task.LoopingCall | None = None
@@ -189,6 +193,22 @@ class Supervisor(Service):
         if lived < EARLY_DEATH:
             delay = min(MAX_RESPAWN_DELAY, 2 * self._delays.get(worker.slot, delay / 2))
         self._delays[worker.slot] = delay
+        # A worker that exits by itself at start-up, again and again, cannot
+        # start (what the supervisor's checks missed): give up, loudly.
+        exited = getattr(reason.value, "signal", None) is None
+        failing = lived < EARLY_DEATH and exited
+        self._failures[worker.slot] = (
+            self._failures.get(worker.slot, 0) + 1 if failing else 0
+        )
+        if self._failures[worker.slot] >= GIVE_UP:
+            _log.critical(
+                "worker {slot} failed to start {n} times in a row; stopping"
+                " (its output above says why)",
+                slot=worker.slot,
+                n=GIVE_UP,
+            )
+            self.reactor.stop()
+            return
         _log.warn(
             "worker {slot} ended ({why}); starting another in {delay:g}s",
             slot=worker.slot,
