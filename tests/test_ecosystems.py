@@ -34,11 +34,13 @@ from .registries import (
     write,
 )
 from .support import (
+    ChildServer,
     ProcessResult,
     StoppableOrigin,
     build_wheel,
     client_env,
     curl,
+    free_port,
     no_proxy_env,
     pause,
     run,
@@ -163,6 +165,115 @@ class GoTests(TestCase):
         self.assertEqual(read(os.path.join(app, "go.sum")).decode(), go_sum)
         caches = caches_since(log, seen, origin.base)
         for path in files:
+            self.assertEqual(set(caches.get(path, ["none"])), {"HIT"}, caches)
+
+
+GOCODE = "/usr/share/gocode"
+"""Debian's Go source tree (golang-golang-x-mod-dev: golang.org/x/mod/sumdb)."""
+
+
+class GoSumdbTests(TestCase):
+    """``GOSUMDB`` through the cache: the checksum database proxied under
+    ``/go/sumdb/`` as proxy.golang.org serves sum.golang.org."""
+
+    timeout = 240
+
+    def test_checksum_database_through_the_cache(self) -> defer.Deferred[None]:
+        """A module proxy with its own checksum database (tests/sumdb: x/mod's
+        sumdb server over the modules' real hashes, its own signing key),
+        mounted under ``/go/``; ``GOSUMDB`` names that key and go reaches the
+        database only through ``GOPROXY`` (``/go/sumdb/NAME/supported``,
+        ``lookup``, ``tile``): the cold download is verified; with the origin
+        stopped, a fresh module cache and no go.sum, it is verified again
+        from the cache alone, lookups and zips HITs."""
+        return run(self._sumdb())
+
+    async def _sumdb(self) -> None:
+        go = need("go", ".ci/run installs golang-go")
+        if not os.path.isdir(os.path.join(GOCODE, "src/golang.org/x/mod/sumdb")):
+            raise SkipTest(
+                "golang-golang-x-mod-dev is not installed (.ci/run installs it)"
+            )
+        build = os.path.abspath(self.mktemp())
+        os.makedirs(build)
+        helper = os.path.join(build, "sumdb-server")
+        source = os.path.join(os.path.dirname(__file__), "sumdb", "main.go")
+        assert_ok(
+            self,
+            await run_process(
+                [go, "build", "-o", helper, source],
+                env=no_proxy_env(
+                    GO111MODULE="off",
+                    GOPATH=GOCODE,
+                    GOCACHE=os.path.join(build, "cache"),
+                    GOFLAGS="",
+                    HOME=build,
+                ),
+                path=build,
+                timeout=120,
+            ),
+        )
+        root = os.path.abspath(self.mktemp())
+        go_module(root, "example.com/dep", "v1.2.0", {})
+        go_module(root, "example.com/demo", "v1.0.0", {"example.com/dep": "v1.2.0"})
+        oport = free_port()
+        origin = ChildServer(
+            self, [helper, f"127.0.0.1:{oport}", "test.sumdb", root], oport
+        )
+        await origin.wait_for_text("test.sumdb+")
+        await origin.wait_listening()
+        vkey = origin.text().split()[0]
+        base = f"http://127.0.0.1:{oport}/"
+        port, log = mount(self, ("/go/", base, "go"))
+        app = os.path.abspath(self.mktemp())
+        write(
+            os.path.join(app, "go.mod"),
+            b"module test.local/app\n\ngo 1.19\n\nrequire (\n"
+            b"\texample.com/demo v1.0.0\n\texample.com/dep v1.2.0\n)\n",
+        )
+
+        async def download() -> ProcessResult:
+            home = os.path.abspath(self.mktemp())
+            result = await run_process(
+                [go, "mod", "download", "all"],
+                env=no_proxy_env(
+                    HOME=home,
+                    GOPATH=os.path.join(home, "go"),
+                    GOMODCACHE=os.path.join(home, "modcache"),
+                    GOCACHE=os.path.join(home, "gocache"),
+                    GOPROXY=f"http://127.0.0.1:{port}/go/",
+                    GOSUMDB=vkey,
+                    GOFLAGS="-mod=mod",
+                    GO111MODULE="on",
+                    GONOSUMDB="",
+                    GONOPROXY="",
+                    GOPRIVATE="",
+                    GOTOOLCHAIN="local",
+                ),
+                path=app,
+                timeout=120,
+            )
+            subprocess.run(["chmod", "-R", "u+w", home], check=False)
+            return result
+
+        assert_ok(self, await download())
+        go_sum = read(os.path.join(app, "go.sum"))
+        lookups = [
+            f"/sumdb/test.sumdb/lookup/example.com/{m}"
+            for m in ("demo@v1.0.0", "dep@v1.2.0")
+        ]
+        seen = [url[len(base) - 1 :] for url, _, _, _ in access_log(log)]
+        for path in lookups:
+            self.assertIn(path, seen)
+        self.assertIn("/sumdb/test.sumdb/supported", seen)
+
+        await origin.stop()
+        os.remove(os.path.join(app, "go.sum"))
+        first = len(access_log(log))
+        assert_ok(self, await download())
+        self.assertEqual(read(os.path.join(app, "go.sum")), go_sum)
+        caches = caches_since(log, first, base)
+        for path in [*lookups, "/example.com/demo/@v/v1.0.0.zip"]:
             self.assertEqual(set(caches.get(path, ["none"])), {"HIT"}, caches)
 
 
