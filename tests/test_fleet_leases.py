@@ -128,8 +128,9 @@ class SetUpsTests(TestCase):
 
     def test_nodes_with_workers(self) -> defer.Deferred[None]:
         """Two nodes of two workers each: 8 concurrent cold clients cause one
-        origin GET and all get the whole body (leases between nodes, claims
-        between the workers of a node)."""
+        origin GET, all have their first bytes while the origin holds the rest
+        back (a peer's request may reach any worker of the holder), and all
+        get the whole body (leases between nodes, claims between workers)."""
         return defer.Deferred.fromCoroutine(self._workers())
 
     async def _workers(self) -> None:
@@ -142,8 +143,12 @@ class SetUpsTests(TestCase):
         url = f"http://127.0.0.1:{origin.port}/w-1.0.tar.gz"
         nodes = await start_nodes(self, weed, prefix, 2, "--workers", "2")
         clients = [await _request(self, nodes[i % 2].port, url) for i in range(8)]
-        await pause(1.0)
-        gate.callback(None)
+        try:
+            await wait_until(
+                lambda: defer.succeed(all(map(_body_started, clients))), 60
+            )
+        finally:
+            gate.callback(None)
         for c in clients:
             await c.lost
         for c in clients:

@@ -91,6 +91,10 @@ class Across(Protocol):
     def mark_purged(self, matches: Callable[[str], bool]) -> None:
         """Downloads in other workers whose URL ``matches`` store nothing."""
 
+    def running(self, url: str) -> Download | None:
+        """The download of ``url`` another worker runs now, followed here;
+        None when none runs (never starts one: for a fleet peer, SPEC 12)."""
+
 
 Reusable = Callable[[StoredResponse], bool]
 """Whether a client may be served a response (as the entry it would make)

@@ -90,6 +90,16 @@ class Endpoint:
             if outcome.kind is OutcomeKind.PASSTHROUGH and outcome.response is not None:
                 outcome.response.deliverBody(Discard())
             break
+        else:
+            # With --workers, the download may run in another worker.
+            across = proxy.downloads.across
+            remote = across.running(url) if across is not None else None
+            if remote is not None:
+                outcome = await proxy.downloads.wait(remote, client_headers)
+                if outcome.kind is OutcomeKind.STREAM:
+                    return await self._follow(
+                        request, remote, outcome.status, outcome.headers
+                    )
         entry = policy.select_variant(await proxy.store.lookup(url), client_headers)
         if entry is None or entry.status != 200:
             send_error(request, 404, "not here", via=proxy.via)

@@ -345,6 +345,12 @@ class _UploadingWriter:
     def bytes_written(self) -> int:
         return int(self._writer.bytes_written)
 
+    @property
+    def name(self) -> str | None:
+        """The local writer's file, which other workers follow (SPEC 11)."""
+        name = getattr(self._writer, "name", None)
+        return name if isinstance(name, str) else None
+
     def write(self, data: bytes) -> None:
         self._writer.write(data)
 

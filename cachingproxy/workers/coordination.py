@@ -172,6 +172,27 @@ class SharedDownloads:
             lambda f: _log.failure("releasing {url}", f, url=download.url)
         )
 
+    def running(self, url: str) -> Download | None:
+        """The download of ``url`` another worker runs now, followed here;
+        None when none runs.  Never starts one: if the owner dies, the
+        follower fails (its reader, a fleet peer, asks again)."""
+        state = self.claims.read(url)
+        if state is None or state.final or not self.claims.owner_alive(url):
+            return None
+
+        def give_up(claim: Claim) -> None:
+            claim.release(state=FAILED, ended_at=self._clock.seconds())
+
+        remote = RemoteDownload(
+            url=url,
+            claims=self.claims,
+            cache_dir=self._cache_dir,
+            clock=self._clock,
+            take_over=give_up,
+        )
+        remote.start()
+        return remote
+
     def mark_purged(self, matches: Callable[[str], bool]) -> None:
         """A purge: downloads in other workers matching it store nothing."""
         self.claims.mark_purged(matches)
