@@ -775,3 +775,38 @@ class SupervisorUnitTests(SynchronousTestCase):
         self._end(supervisor, reactor, ProcessTerminated(exitCode=1))
         self.assertTrue(reactor.hasStopped)
         self.flushLoggedErrors()
+
+
+class RelayTests(SynchronousTestCase):
+    """Worker log lines reach the supervisor's log at their own level."""
+
+    def test_round_trip(self) -> None:
+        import io
+
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        from cachingproxy.workers.relay import LineRelay, worker_observer
+
+        out = io.StringIO()
+        observe = worker_observer("worker 1 (42)", out)
+        observe({"log_level": LogLevel.warn, "log_format": "two\nlines"})
+        observe({"log_level": LogLevel.info, "log_format": "fine"})
+        seen: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        relay = LineRelay()
+        data = (out.getvalue() + "Traceback (most recent call last):\npartial").encode()
+        relay.received(data[:7])
+        relay.received(data[7:])
+        relay.flush()
+        got = [(e["log_level"], e["line"]) for e in seen if "line" in e]
+        self.assertEqual(
+            got,
+            [
+                (LogLevel.warn, "[worker 1 (42)] two"),
+                (LogLevel.warn, "[worker 1 (42)] lines"),
+                (LogLevel.info, "[worker 1 (42)] fine"),
+                (LogLevel.error, "Traceback (most recent call last):"),
+                (LogLevel.error, "partial"),
+            ],
+        )

@@ -35,6 +35,7 @@ from cachingproxy.config import ProxyConfig
 from cachingproxy.workers import lifeline, run_dir
 from cachingproxy.workers.balance import create_table
 from cachingproxy.workers.plan import FIRST_FD, WorkerPlan
+from cachingproxy.workers.relay import LineRelay
 from cachingproxy.workers.sockets import Bound, bind_all
 
 _log = Logger()
@@ -64,8 +65,13 @@ class _Worker(ProcessProtocol):
         self.slot = slot
         self.started = started
         self.ended: defer.Deferred[None] = defer.Deferred()
+        self._relay = LineRelay()
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802
+        self._relay.received(data)
 
     def processEnded(self, reason: Failure) -> None:  # noqa: N802
+        self._relay.flush()
         self.ended.callback(None)
         self.supervisor._ended(self, reason)
 
@@ -168,7 +174,8 @@ class Supervisor(Service):
         if self._stopping:
             return
         worker = _Worker(self, slot, self.reactor.seconds())
-        fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
+        # stdout (--access-log -) is shared; stderr carries the worker's log.
+        fds: dict[int, int | str] = {0: "w", 1: 1, 2: "r"}
         for i, bound in enumerate(self.sockets):
             fds[FIRST_FD + i] = bound.fd
         argv = [sys.executable, "-m", "cachingproxy.workers.worker"]

@@ -105,19 +105,13 @@ def main() -> None:
     if plan.supervisor != parent:
         sys.exit(1)
     from twisted.internet import reactor as global_reactor
-    from twisted.logger import ILogObserver, globalLogBeginner, textFileLogObserver
-    from zope.interface import implementer
+    from twisted.logger import globalLogBeginner
+
+    from cachingproxy.workers.relay import worker_observer
 
     reactor: Any = global_reactor
-
-    observer = textFileLogObserver(sys.stdout)
-
-    @implementer(ILogObserver)
-    def labelled(event: dict[str, Any]) -> None:
-        event.setdefault("log_system", f"worker {plan.slot} ({os.getpid()})")
-        observer(event)
-
-    globalLogBeginner.beginLoggingTo([labelled], redirectStandardIO=False)
+    label = f"worker {plan.slot} ({os.getpid()})"
+    globalLogBeginner.beginLoggingTo([worker_observer(label)], redirectStandardIO=False)
     service = WorkerService(plan, reactor)
     service.privilegedStartService()
     service.startService()
