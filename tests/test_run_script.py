@@ -46,6 +46,9 @@ class RunScriptTests(TestCase):
 
     def test_runs_the_proxy(self) -> defer.Deferred[None]:
         """``./run OPTIONS`` with an up-to-date virtualenv installs nothing
+        (``INSTALL`` is set: ``.ci/run`` exports ``INSTALL=wheel``, and the
+        stand-in virtualenv's python is the base interpreter, which must
+        never be installed into)
         and starts ``twistd -n --pidfile= cachingproxy OPTIONS`` with the
         checkout first on PYTHONPATH (its twistd dropin); a virtualenv made
         for the tests serves too."""
@@ -55,7 +58,9 @@ class RunScriptTests(TestCase):
                 venv = self._venv(extras)
                 result = await run_process(
                     [RUN, "--listen", "tcp:3999"],
-                    env=no_proxy_env(VENV=venv, PYTHONPATH="/elsewhere"),
+                    env=no_proxy_env(
+                        VENV=venv, PYTHONPATH="/elsewhere", INSTALL="editable"
+                    ),
                 )
                 self.assertEqual(result.code, 0, result.output)
                 self.assertNotIn("installing", result.output)
