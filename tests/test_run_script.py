@@ -31,14 +31,19 @@ class RunScriptTests(TestCase):
 
     def _venv(self, extras: str) -> str:
         """A virtualenv directory whose stamp says ``extras`` are installed,
-        with a ``twistd`` that prints how it was started."""
+        with a ``twistd`` that prints how it was started and a ``python``
+        that refuses to run (nothing may be installed, and never into a real
+        interpreter)."""
         venv = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(venv, "bin"))
-        os.symlink(sys.executable, os.path.join(venv, "bin", "python"))
-        twistd = os.path.join(venv, "bin", "twistd")
-        with open(twistd, "w") as f:
-            f.write('#!/bin/sh\necho "args: $*"\necho "pythonpath: $PYTHONPATH"\n')
-        os.chmod(twistd, 0o755)
+        for name, script in (
+            ("twistd", 'echo "args: $*"\necho "pythonpath: $PYTHONPATH"'),
+            ("python", 'echo "python run: $*" >&2\nexit 3'),
+        ):
+            path = os.path.join(venv, "bin", name)
+            with open(path, "w") as f:
+                f.write(f"#!/bin/sh\n{script}\n")
+            os.chmod(path, 0o755)
         stamp = f".cachingproxy-editable-{_stamp_suffix()}-{extras}"
         with open(os.path.join(venv, stamp), "w"):
             pass
@@ -59,11 +64,15 @@ class RunScriptTests(TestCase):
                 result = await run_process(
                     [RUN, "--listen", "tcp:3999"],
                     env=no_proxy_env(
-                        VENV=venv, PYTHONPATH="/elsewhere", INSTALL="editable"
+                        VENV=venv,
+                        PYTHONPATH="/elsewhere",
+                        PYTHON=sys.executable,
+                        INSTALL="editable",
                     ),
                 )
                 self.assertEqual(result.code, 0, result.output)
                 self.assertNotIn("installing", result.output)
+                self.assertNotIn("python run", result.output)
                 lines = result.out.decode().splitlines()
                 self.assertEqual(
                     lines[0], "args: -n --pidfile= cachingproxy --listen tcp:3999"
@@ -79,7 +88,8 @@ class RunScriptTests(TestCase):
         async def check() -> None:
             venv = os.path.abspath(self.mktemp())
             result = await run_process(
-                [RUN, "test"], env=no_proxy_env(VENV=venv, PYTHON="/bin/false")
+                [RUN, "test"],
+                env=no_proxy_env(VENV=venv, PYTHON="/bin/false", INSTALL="editable"),
             )
             self.assertEqual(result.code, 2, result.output)
             self.assertIn("needs Python >= 3.11", result.output)
