@@ -16,8 +16,9 @@ limited so that one download takes about 3 s -- and measured the same way:
 3. coalescing: 20 ``curl`` clients asking at once for a cold file under
    ``/slow/``: how many GETs the origin saw, and the slowest client's time
    against one client fetching it directly;
-4. memory: the peak RSS of all the proxy's processes together while 20
-   clients read a warm huge file at once (polled every 20 ms).
+4. memory: the peak RSS and PSS of all the proxy's processes together while
+   20 clients read a warm huge file at once (polled every 20 ms; PSS does not
+   count twice the pages that forked workers share).
 
 The peers are those of the field that are packaged for this machine: nginx
 ``proxy_cache``, Varnish, Apache ``mod_cache_disk`` and Squid (Debian:
@@ -363,24 +364,28 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
-def rss_kb(pids: list[int]) -> int:
-    total = 0
+def memory_kb(pids: list[int]) -> tuple[int, int]:
+    """Summed RSS and PSS of ``pids`` (PSS shares pages that several of them
+    map, so a supervisor and its forked workers are not counted twice)."""
+    rss = pss = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/status") as f:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
         except OSError:
             pass
-    return total
+    return rss, pss
 
 
 class TreeRss:
     """Peak RSS of a process tree, polled in a thread."""
 
     def __init__(self, root: int) -> None:
-        self.root, self.peak_kb = root, 0
+        self.root, self.peak_kb, self.peak_pss_kb = root, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -394,7 +399,9 @@ class TreeRss:
         while not self._stop.is_set():
             if n % 25 == 0:
                 pids = tree_pids(self.root)
-            self.peak_kb = max(self.peak_kb, rss_kb(pids))
+            rss, pss = memory_kb(pids)
+            self.peak_kb = max(self.peak_kb, rss)
+            self.peak_pss_kb = max(self.peak_pss_kb, pss)
             n += 1
             self._stop.wait(0.02)
 
@@ -435,6 +442,7 @@ class Result:
     origin_gets: int = 0
     slowest: float = 0.0
     rss_mib: float = 0.0
+    pss_mib: float = 0.0
     note: str = ""
 
 
@@ -467,6 +475,7 @@ def measure(peer: Peer, sizes: Sizes, work: str, tag: str) -> Result:
     with TreeRss(peer.pid) as rss:
         results = together(CLIENTS, lambda: curl(peer.url(huge)))
     r.rss_mib = rss.peak_kb / 1024
+    r.pss_mib = rss.peak_pss_kb / 1024
     if any(x[0] != 200 or x[1] != sizes.huge for x in results):
         r.note += " huge-file clients failed"
     return r
@@ -597,7 +606,7 @@ def report(results: list[Result], direct: float, sizes: Sizes) -> None:
                 f"{r.large_mbs:,.0f}",
                 ratio(ours.large_mbs, r.large_mbs) if ours else "-",
                 f"{r.origin_gets} / {r.slowest:.2f} s",
-                f"{r.rss_mib:.0f}",
+                f"{r.rss_mib:.0f} / {r.pss_mib:.0f}",
                 r.note,
             )
         )
@@ -606,7 +615,7 @@ def report(results: list[Result], direct: float, sizes: Sizes) -> None:
         f"small = {sizes.small // KiB} KiB hits (wrk -t2 -c64); large = "
         f"{sizes.large // MiB} MiB hits (curl, median of {sizes.runs}); cold = "
         f"{CLIENTS} clients of a {sizes.cold // MiB} MiB file at {SLOW_RATE}B/s "
-        f"(direct {direct:.2f} s); RSS = all processes, {CLIENTS} clients of "
+        f"(direct {direct:.2f} s); RSS, PSS = peaks summed over all processes, {CLIENTS} clients of "
         f"{sizes.huge // MiB} MiB; 'cp/x' = cachingproxy's figure over the peer's"
     )
     print(
@@ -619,7 +628,7 @@ def report(results: list[Result], direct: float, sizes: Sizes) -> None:
                     "large hits MB/s",
                     "cp/x",
                     "cold: origin GETs / slowest",
-                    "RSS MiB",
+                    "RSS / PSS MiB",
                     "note",
                 ),
                 rows,
