@@ -274,6 +274,13 @@ def request_wants_revalidation(
     """Under ``origin``, client ``no-cache``/``max-age`` force a revalidation."""
     if rule.ttl is not None:
         return False
+    return asks_for_fresh(request_headers, age)
+
+
+def asks_for_fresh(request_headers: Iterable[Header], age: float) -> bool:
+    """Whether the client asks for a copy fresher than ``age`` seconds:
+    ``Cache-Control: no-cache``, ``Pragma: no-cache`` (without any
+    ``Cache-Control``), or a ``max-age`` below ``age``."""
     items = list(request_headers)
     cc = H.parse_cache_control(H.get(items, "cache-control"))
     if "no-cache" in cc:
@@ -300,14 +307,7 @@ def index_refresh_due(
         return False
     if now - entry.stored_at < interval:
         return False
-    items = list(request_headers)
-    cc = H.parse_cache_control(H.get(items, "cache-control"))
-    if "no-cache" in cc:
-        return True
-    if not cc and "no-cache" in (H.get(items, "pragma") or "").lower():
-        return True
-    max_age = H.delta_seconds(cc, "max-age")
-    return max_age is not None and current_age(entry, now) > max_age
+    return asks_for_fresh(request_headers, current_age(entry, now))
 
 
 def is_fresh(
