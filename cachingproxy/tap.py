@@ -20,8 +20,9 @@ class Options(usage.Options):
 
     synopsis = "[options]"
     longdesc = (
-        "A caching HTTP proxy for package downloads. --listen, --allow-client,"
-        " --allow-upstream and --name may be repeated. Every option can also be"
+        "A caching HTTP proxy for package downloads. --listen, --listen-tls,"
+        " --allow-client, --allow-upstream, --mirror, --source, --intercept and"
+        " --name may be repeated. Every option can also be"
         " set in the TOML file given by --config, keyed by its long name; the"
         " command line wins. SIZE takes K, M, G, T (powers of 1024)."
     )
@@ -129,8 +130,19 @@ class Options(usage.Options):
             None,
             "Send upstream requests through this parent HTTP proxy (http://HOST:PORT).",
         ],
-        ["ca-cert", None, None, "PEM certificate of the interception CA."],
-        ["ca-key", None, None, "PEM key of the interception CA."],
+        [
+            "ca-cert",
+            None,
+            None,
+            "PEM certificate of the interception CA."
+            " [default: generated in the cache dir]",
+        ],
+        [
+            "ca-key",
+            None,
+            None,
+            "PEM key of the interception CA. [default: generated in the cache dir]",
+        ],
         [
             "proxy-auth",
             None,
@@ -205,6 +217,8 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        # Multi-line opt_* docstrings keep their indentation otherwise.
+        self.docs = {k: " ".join(v.split()) if v else v for k, v in self.docs.items()}
         for name, setting in SETTINGS.items():
             if setting.repeatable:
                 self[name] = []

@@ -273,9 +273,21 @@ class CommandLineTests(_EnvMixin):
             "listen", "cache-dir", "max-size", "max-object-size", "index-ttl",
             "negative-ttl", "max-stale", "offline", "connect-timeout",
             "read-timeout", "allow-client", "allow-upstream", "upstream-ports",
-            "upstream-ca", "name", "access-log", "config",
+            "upstream-ca", "name", "access-log", "config", "index-refresh",
+            "mirror", "source", "connect-ports", "upstream-proxy", "intercept",
+            "ca-cert", "ca-key", "listen-tls", "proxy-auth",
+            "max-client-connections", "admin-token", "workers", "shared-store",
+            "s3-endpoint", "advertise", "fleet-secret",
         ]:  # fmt: skip
-            self.assertIn(f"--{name}", text)
+            self.assertIn(f"--{name}=" if name != "offline" else "--offline", text)
+
+    def test_help_text_is_wrapped_cleanly(self) -> None:
+        """Multi-line option docstrings show as one paragraph, not with
+        their source indentation inside the help text."""
+        options = tap.Options()
+        for name, doc in options.docs.items():
+            if doc:
+                self.assertNotIn("  ", doc, name)
 
     def test_proxy_config_before_parsing(self) -> None:
         """The config is only available after parseOptions succeeded."""
