@@ -25,6 +25,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent
 
+from cachingproxy.workers import ramdir
+
 from .support import (
     NOT_DONE_YET,
     Twistd,
@@ -175,8 +177,14 @@ class ProcessModelTests(TestCase):
     async def _sigterm(self) -> None:
         proxy = await start(self)
         workers = worker_pids(proxy.process.pid)
+        claims = os.path.join(proxy.cache_dir, "run", "claims")
+        in_ram = os.path.realpath(claims)  # workers/ramdir.py
+        if os.access("/dev/shm", os.W_OK):
+            self.assertTrue(in_ram.startswith("/dev/shm/"), in_ram)
         os.kill(proxy.process.pid, signal.SIGTERM)
         await proxy.ended
+        if in_ram != claims:
+            self.assertFalse(os.path.exists(in_ram))  # not left in memory
         ended = proxy.reason.value if proxy.reason is not None else None
         # twistd ends by its own SIGTERM again once shut down (Twisted >= 24).
         self.assertIn(
@@ -199,6 +207,9 @@ class ProcessModelTests(TestCase):
         await proxy.kill("KILL")
         await wait_for(lambda: not any_workers_of(workers), timeout=15)
         await wait_for(lambda: _can_bind(proxy.port), timeout=5)
+        # Its claims directory in memory is left for the next supervisor of
+        # this cache to remove (workers/ramdir.py); this test is the last.
+        ramdir.remove(os.path.join(proxy.cache_dir, "run", "claims"))
 
     def test_sighup_reopens_the_access_log_in_every_worker(
         self,

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 import cachingproxy
 from cachingproxy.cache.store import DiskStore
 from cachingproxy.config import ProxyConfig
-from cachingproxy.workers import lifeline, run_dir
+from cachingproxy.workers import lifeline, ramdir, run_dir
 from cachingproxy.workers.balance import create_table
 from cachingproxy.workers.plan import FIRST_FD, WorkerPlan
 from cachingproxy.workers.relay import LineRelay
@@ -53,7 +53,7 @@ ORPHAN_SWEEP = 30.0
 whose dead writer's followers were still reading them at its death)."""
 STOP_GRACE = 15.0
 """Seconds workers get to stop on SIGTERM before they are killed."""
-SHARED = ("metrics", "claims")
+SHARED = ("metrics",)
 """Directories under ``run/`` that only live as long as the supervisor."""
 
 
@@ -153,6 +153,7 @@ class Supervisor(Service):
             path = run_dir(config.cache_dir, name)
             shutil.rmtree(path, ignore_errors=True)
             os.makedirs(path, exist_ok=True)
+        ramdir.make(run_dir(config.cache_dir, "claims"))  # on a miss's path
         create_table(run_dir(config.cache_dir, "balance"), self.count)
         for stale in ("digests.sqlite", "digests.sqlite-wal", "digests.sqlite-shm"):
             with contextlib.suppress(FileNotFoundError):
@@ -300,6 +301,7 @@ class Supervisor(Service):
         ports, self.ports = self.ports, []
         for port in ports:
             await defer.maybeDeferred(port.stopListening)
+        ramdir.remove(run_dir(self.config.cache_dir, "claims"))
 
 
 def _fatal(message: str) -> None:
