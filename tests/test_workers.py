@@ -414,6 +414,16 @@ class CoalescingTests(TestCase):
         await wait_for(lambda: all(len(_body_of(c.received)) > 0 for c in clients))
         self.assertEqual(following(), workers)
         self.assertEqual(origin.count("/cold-1.0.tar.gz"), 1)
+        # /status.json counts every client of the download, in every worker.
+        http = fresh_client(self, proxy.port)
+        for _ in range(100):
+            _, raw = await fetch(http, f"http://127.0.0.1:{proxy.port}/status.json")
+            flights = json.loads(raw)["in_flight"]
+            if [f["clients"] for f in flights if f["url"] == url] == [len(clients)]:
+                break
+            await pause(0.1)
+        else:
+            self.fail(f"in_flight never counted {len(clients)} clients: {flights}")
         gated.release()
         await wait_for(lambda: all(c.closed for c in clients), timeout=30)
         for c in clients:

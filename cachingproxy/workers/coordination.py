@@ -30,6 +30,7 @@ from cachingproxy.workers.claims import (
     Claims,
     ClaimState,
 )
+from cachingproxy.workers.followers import Followers
 from cachingproxy.workers.remote import RemoteDownload
 
 _log = Logger()
@@ -65,6 +66,7 @@ class SharedDownloads:
         self._cache_dir = cache_dir
         self._clock = clock
         self.claims = Claims(claims_dir, clock.seconds)
+        self.followers = Followers(claims_dir)
 
     def download(
         self,
@@ -200,6 +202,7 @@ class SharedDownloads:
     def in_flight(self) -> list[InFlight]:
         """The downloads in flight in every worker."""
         found = []
+        clients = self.followers.totals()
         for state in self.claims.in_flight():
             size = 0
             if state.body:
@@ -209,7 +212,15 @@ class SharedDownloads:
                     ).st_size
                 except OSError:
                     size = state.size or 0
-            found.append(InFlight(state.url, size, state.total, 0, state.started_at))
+            found.append(
+                InFlight(
+                    state.url,
+                    size,
+                    state.total,
+                    clients.get(state.url, 0),
+                    state.started_at,
+                )
+            )
         return found
 
 

@@ -57,6 +57,7 @@ class WorkerService(ProxyService):
         super().startService()
         assert self.proxy is not None
         self.proxy.downloads.across = self.shared
+        self.shared.followers.start(self.reactor, self.proxy.downloads.all)
         self.digests = SharedDigests(run_dir(self.config.cache_dir, "digests.sqlite"))
         self.proxy.mirrors.shared_digests = self.digests
         site = self.site
@@ -72,6 +73,7 @@ class WorkerService(ProxyService):
 
     def stopService(self) -> Any:  # noqa: N802
         self.balancer.stop()
+        self.shared.followers.stop()
         return super().stopService()
 
     def make_stats(self) -> Stats | None:
