@@ -17,8 +17,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
-from twisted.web.server import Request, Site
+from twisted.web.server import Site
 
 from cachingproxy.front.gate import MAX_REQUEST_BODY, HeadGate, Refusal
 from cachingproxy.front.limits import (
@@ -27,6 +26,7 @@ from cachingproxy.front.limits import (
     client_key,
     held_back,
 )
+from cachingproxy.front.streaming import StreamedRequest, StreamingChannel
 
 _log = Logger()
 
@@ -59,7 +59,7 @@ _REASONS = {
 }
 
 
-class Channel(HTTPChannel):
+class Channel(StreamingChannel):
     """An HTTP/1.1 channel that tells its site when it is gone, and that
     holds the line against hostile clients (SPEC 8): a deadline for the
     request head, limits on its size and header count answered with a clear
@@ -201,7 +201,10 @@ class Channel(HTTPChannel):
             self.paused = True
             self.transport.pauseProducing()  # type: ignore[union-attr]
             verdict.addCallback(self._gate_done)
+        streamed = self._stream_body(self.site.gate)
         super().allHeadersReceived()
+        if streamed is not None and not self._gate_pending and not self._refused:
+            self._dispatch(streamed)
 
     def _gate(self) -> Refusal | defer.Deferred[Refusal | None] | None:
         """The site's head-time checks (SPEC 8: refused before any body
@@ -231,9 +234,12 @@ class Channel(HTTPChannel):
             return
         self.paused = False
         self.transport.resumeProducing()  # type: ignore[attr-defined]
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, StreamedRequest) and request.body_stream is not None:
+            self._dispatch(request)
         if self._content_waiting:
             self._content_waiting = False
-            super().allContentReceived()
+            self.allContentReceived()
         self.dataReceived(b"")  # what arrived with the head
 
     def allContentReceived(self) -> None:  # noqa: N802
@@ -242,6 +248,8 @@ class Channel(HTTPChannel):
         if self._gate_pending:
             self._content_waiting = True
             return
+        if self._streamed is not None:
+            return self._streamed_body_done(self._streamed)
         super().allContentReceived()
 
     def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
@@ -273,6 +281,8 @@ class Channel(HTTPChannel):
             return
         self._refused = True
         self._stop_head_timer()
+        if self._drop_streamed(message):
+            return
         # No idle timeout any more, but a client that does not read its
         # answer is cut off as after one (HTTPChannel.timeoutConnection).
         self.setTimeout(None)
@@ -323,7 +333,7 @@ class Channel(HTTPChannel):
             self.lost.callback(None)
 
 
-class ProxyRequest(Request):
+class ProxyRequest(StreamedRequest):
     """A Request whose ``*`` target goes to the proxy like any other, and
     whose 400 closes the connection.
 
@@ -346,9 +356,13 @@ class ProxyRequest(Request):
         if self._body_size > MAX_REQUEST_BODY and isinstance(channel, Channel):
             channel._reject(413, "request body too large")
             return
-        super().handleContentChunk(data)
+        if self.body_stream is not None:
+            self.body_stream.write(data)
+        else:
+            super().handleContentChunk(data)
 
     def write(self, data: bytes) -> None:
+        self._close_if_body_pending()
         if not self.startedWriting and self.code == 400 and self.channel is not None:
             # The bytes behind a request the proxy could not make sense of
             # (a Host contradicting the URL …) are not served either.

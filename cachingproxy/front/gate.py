@@ -103,6 +103,17 @@ class HeadGate:
             return result[0]
         return checked
 
+    def streams(
+        self, local: tuple[str, int], method: bytes, target: bytes, headers: Headers
+    ) -> bool:
+        """Whether the body of this request is streamed upstream as it
+        arrives (front/upload.py) instead of read whole first: a body-carrying
+        method (not GET/HEAD) addressed upstream (not to the proxy itself,
+        not a CONNECT)."""
+        if method in (b"GET", b"HEAD", b"CONNECT") or not has_body(headers):
+            return False
+        return self._needs_auth(local, method, target, headers)
+
     def _needs_auth(
         self, local: tuple[str, int], method: bytes, target: bytes, headers: Headers
     ) -> bool:

@@ -29,7 +29,12 @@ def upstream_via(via: str, client_headers: list[Header]) -> str:
 
 
 def request_body(request: Request) -> IBodyProducer | None:
-    """The body a client sent with ``request`` (None when it sent none)."""
+    """The body a client sent with ``request`` (None when it sent none):
+    streamed as it arrives when the channel started the request at its head
+    (front/upload.py), else read from twisted.web's spool."""
+    streamed: IBodyProducer | None = getattr(request, "body_stream", None)
+    if streamed is not None:
+        return streamed
     content = request.content
     if content is None or not (
         request.requestHeaders.hasHeader(b"content-length")
