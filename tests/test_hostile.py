@@ -442,7 +442,7 @@ class RequestCheckTests(TestCase):
         looped, _ = await fetch(
             http, url, {"Via": "1.0 squid, 1.1 localhost (cachingproxy/0.1)"}
         )
-        self.assertEqual(looped.code, 508)
+        self.assertEqual((looped.code, looped.phrase), (508, b"Loop Detected"))
         self.assertEqual(self.origin.count(), 0)
         fine, body = await fetch(http, url, {"Via": "1.1 squid.example"})
         self.assertEqual((fine.code, body), (200, b"wheel"))

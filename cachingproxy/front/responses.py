@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from functools import lru_cache
+from http import HTTPStatus
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
-from twisted.web.http import datetimeToString
+from twisted.web.http import RESPONSES, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
@@ -76,6 +77,8 @@ def set_head(
 ) -> None:
     """Status and headers for the client: the upstream's end-to-end headers
     plus ``Content-Length``, ``Age``, ``Via`` and ``X-Cache``."""
+    if not phrase and status not in RESPONSES:
+        phrase = _standard_phrase(status)
     request.setResponseCode(status, phrase.encode("latin-1") if phrase else None)
     items = (
         upstream_headers
@@ -96,6 +99,15 @@ def set_head(
     request.responseHeaders = out
     # A stored response without Content-Type must not get twisted's default.
     request.defaultContentType = None
+
+
+def _standard_phrase(status: int) -> str | None:
+    """RFC 9110's reason phrase where Twisted has none (``508 Loop
+    Detected``, ``421``, ``429`` ...), not "Unknown Status"."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return None
 
 
 def client_gone(request: Request) -> bool:

@@ -2,7 +2,7 @@
 ``in_flight[].clients`` with ``--workers``).
 
 Each worker publishes its own counts, URL to clients, in one small file
-``CACHE/run/claims/<pid>.clients`` whenever they change (looked at every
+``<pid>.clients`` in the claims directory whenever they change (looked at every
 ``PUBLISH_EVERY`` seconds); whoever answers ``/status.json`` sums the files of
 the workers still alive.
 """
