@@ -461,6 +461,15 @@ store = false
         """etc/cachingproxy.toml as shipped (all commented) gives the defaults."""
         self.assertEqual(self.parse("--config", str(EXAMPLE_CONFIG)), self.defaults())
 
+    def test_example_config_lists_every_key(self) -> None:
+        """etc/cachingproxy.toml has a (commented) line for every option."""
+        from cachingproxy.options import SETTINGS
+
+        text = EXAMPLE_CONFIG.read_text()
+        for name in SETTINGS:
+            if name != "config":
+                self.assertRegex(text, rf"(?m)^# ?{re.escape(name)} = ", name)
+
     def test_example_config_uncommented(self) -> None:
         """etc/cachingproxy.toml's ``#key = value`` lines are the real defaults,
         and its [[rule]] examples are valid."""
