@@ -239,7 +239,7 @@ def pause(seconds: float = 0.0) -> defer.Deferred[None]:
 
 
 async def wait_for(
-    condition: Callable[[], bool], timeout: float = 10.0, step: float = 0.01
+    condition: Callable[[], bool], timeout: float = 30.0, step: float = 0.01
 ) -> None:
     """Poll ``condition`` until true; fail after ``timeout`` seconds."""
     waited = 0.0

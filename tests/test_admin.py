@@ -610,16 +610,27 @@ class AccessLogTests(TestCase):
         _, pport = start_proxy(self, access_log=log)
         url = f"http://127.0.0.1:{oport}/log-1.0.whl"
         http = client(self, pport)
+
+        async def logged(count: int) -> None:
+            # A line is written once its response is over (a body sent from
+            # the disk may still be finishing when the client has it): wait
+            # for it before the next request, so the lines keep their order.
+            await wait_for(lambda: len(_lines(log)) >= count, timeout=30)
+
         started = time.time()
         await fetch(http, url)
+        await logged(1)
         await fetch(http, url)
+        await logged(2)
         missing = f"http://127.0.0.1:{oport}/missing.whl"
         await fetch(http, missing)
+        await logged(3)
         _, status_body = await own_page(self, pport, "/status.json")
+        await logged(4)
         page_bytes = str(len(status_body))
         purge = _purge_path("url", url)
         await own_page(self, pport, purge, "DELETE")
-        await wait_for(lambda: len(_lines(log)) >= 5)
+        await logged(5)
         rows = [line.split(" ") for line in _lines(log)]
         upstream = f"127.0.0.1:{oport}"
         self.assertEqual(

@@ -11,7 +11,14 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from cachingproxy.fleet.s3 import S3Client
-from tests.fleetnodes import SECRET, make_bucket, objects, start_nodes, wait_until
+from tests.fleetnodes import (
+    SECRET,
+    Node,
+    make_bucket,
+    objects,
+    start_nodes,
+    wait_until,
+)
 from tests.seaweed import shared_seaweed
 from tests.support import StoppableOrigin, own_page, pause
 
@@ -26,6 +33,14 @@ class SharedTierTests(TestCase):
             return len(await objects(s3, prefix)) >= count
 
         await wait_until(enough, 30)
+
+    async def _local_entries(self, node: Node, count: int) -> None:
+        """Wait until ``node``'s local tier holds ``count`` entries."""
+
+        async def there() -> bool:
+            return (await node.status(self))["entries"] == count
+
+        await wait_until(there, 30)
 
     def test_hit_on_every_node(self) -> defer.Deferred[None]:
         """A file fetched through one node is a HIT on the two others with the
@@ -53,6 +68,11 @@ class SharedTierTests(TestCase):
             self.assertEqual(
                 hashlib.sha256(got).digest(), hashlib.sha256(body).digest()
             )
+            if node is b:
+                # b's copy into its local tier is committed after the
+                # client has the last byte: wait for it, so the second
+                # request on b is a local hit.
+                await self._local_entries(b, 1)
         self.assertEqual(origin.origin.count("/pkg-1.0.tar.gz"), 1)
         status_b = await b.status(self)
         self.assertEqual(status_b["entries"], 1)  # copied into b's local tier

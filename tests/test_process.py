@@ -24,10 +24,12 @@ from .support import (
     curl,
     free_port,
     need,
+    own_page,
     pause,
     run,
     run_process,
     start_origin,
+    wait_for,
 )
 
 MiB = 1024 * 1024
@@ -167,6 +169,10 @@ class TwistdCachingTests(TestCase):
 
         restarted = Twistd(self, cache_dir)
         await restarted.wait_listening()
+        # The port is bound before the cache is opened and swept; the sweep
+        # is over once the proxy answers a request.
+        response, _ = await own_page(self, restarted.port, "/status.json")
+        self.assertEqual(response.code, 200)
         self.assertEqual(_temp_files(cache_dir), {}, restarted.log())
         again = self.mktemp()
         r = await curl(url, proxy=restarted.port, out=again)
@@ -195,17 +201,18 @@ class TwistdCachingTests(TestCase):
         proxy = Twistd(self, self.mktemp(), "--access-log", log)
         await proxy.wait_listening()
         url = f"http://127.0.0.1:{oport}/log-1.0.whl"
-        for _ in range(2):
-            result = await curl(url, proxy=proxy.port, out=self.mktemp())
-            self.assertEqual(result.code, 0, result.output)
 
         def lines() -> list[str]:
             return _read(log).decode().splitlines() if os.path.exists(log) else []
 
-        for _ in range(200):
-            if len(lines()) >= 2:
-                break
-            await pause(0.02)
+        for n in (1, 2):
+            result = await curl(url, proxy=proxy.port, out=self.mktemp())
+            self.assertEqual(result.code, 0, result.output)
+            # A request's line is written once its response is over, by the
+            # worker that served it (with several workers, possibly not the
+            # one that served the previous request): wait for it before the
+            # next request, so that the lines are in request order.
+            await wait_for(lambda n=n: len(lines()) >= n, timeout=30, step=0.02)
         logged = lines()
         self.assertEqual(len(logged), 2, logged)
         # time, client, method, URL, status, bytes, duration ms, cache, upstream

@@ -8,6 +8,7 @@ until the shared state under ``CACHE/run`` shows it, bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -231,14 +232,41 @@ class ProcessModelTests(TestCase):
         await wait_for(lambda: len(_lines(log)) == 6)
         os.rename(log, log + ".1")
         os.kill(proxy.process.pid, signal.SIGHUP)
-        await wait_for(lambda: os.path.exists(log) or not proxy.running)
-        # Both workers must have reopened: wait until neither writes to .1.
-        await pause(0.5)
+        # Both workers must have reopened: wait until each has the new file
+        # open and neither the renamed one.
+        workers = serving(proxy)
+        self.assertEqual(len(workers), 2)
+        await wait_for(lambda: not proxy.running or _reopened(workers, log), timeout=30)
+        self.assertTrue(proxy.running, proxy.log())
         for _ in range(12):
             await fetch(http, url)
         await wait_for(lambda: len(_lines(log)) == 12)
         self.assertEqual(len(_lines(log + ".1")), 6)
         self.assertTrue(proxy.running, proxy.log())
+
+
+def _open_files(pid: int) -> set[str]:
+    """The paths of the files ``pid`` has open (a renamed file: its new path)."""
+    found: set[str] = set()
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return found
+    for fd in names:
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(os.path.join(fds, fd)))
+    return found
+
+
+def _reopened(pids: set[int], log: str) -> bool:
+    """Whether every one of ``pids`` has ``log`` open and not ``log.1``."""
+    log = os.path.realpath(log)
+    for pid in pids:
+        files = _open_files(pid)
+        if log not in files or log + ".1" in files:
+            return False
+    return True
 
 
 def _lines(path: str) -> list[str]:
