@@ -33,6 +33,8 @@ SECRET = "a-fleet-secret-of-some-length"
 class Node(ChildServer):
     """One node: ``twistd -n cachingproxy --shared-store …`` on loopback."""
 
+    ready = "cachingproxy listening on"
+
     def __init__(
         self,
         test: TestCase,

@@ -486,11 +486,48 @@ def checkout_env(**extra: str) -> dict[str, str]:
     return env
 
 
+_handed_out: set[int] = set()
+"""Ports :func:`free_port` gave in this process (never given twice)."""
+
+
+def _below_ephemeral() -> range:
+    """Ports below the kernel's ephemeral range: no ``bind(0)`` (an origin
+    of a test running in parallel) and no outgoing connection takes one."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(10_000, low) if low - 10_000 >= 4_096 else range(0)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a child to
+    listen on: chosen at random below the ephemeral range, so that nothing
+    else takes it before the child binds it (a port from ``bind(0)`` could
+    be handed to a parallel test's ``bind(0)`` meanwhile)."""
+    import random
+
+    ports = _below_ephemeral()
+    chance = random.SystemRandom()
+    for _ in range(1000 if ports else 0):
+        port = chance.choice(ports)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 @attrs.frozen
@@ -1057,16 +1094,21 @@ class ChildServer(Child):
         self.port = port
         super().__init__(test, argv, env, path)
 
-    async def wait_listening(self, timeout: float = 20.0) -> None:
+    ready: str | None = None
+    """A line the child prints once it has bound its port (then what
+    accepts connections there is certainly this child)."""
+
+    async def wait_listening(self, timeout: float = 60.0) -> None:
         """Poll until the port accepts connections (bounded)."""
         waited = 0.0
         while True:
             if not self.running:
                 raise AssertionError(f"server exited during start-up:\n{self.log()}")
-            with socket.socket() as s:
-                s.settimeout(1)
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
+            if self.ready is None or self.ready in self.text():
+                with socket.socket() as s:
+                    s.settimeout(1)
+                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                        return
             if waited > timeout:
                 raise AssertionError(f"not listening after {timeout}s:\n{self.log()}")
             await pause(0.05)
@@ -1075,6 +1117,8 @@ class ChildServer(Child):
 
 class Twistd(ChildServer):
     """A ``twistd -n cachingproxy`` child on 127.0.0.1:``port``."""
+
+    ready = "cachingproxy listening on"
 
     def __init__(self, test: TestCase, cache_dir: str, *options: str) -> None:
         self.cache_dir = cache_dir = os.path.abspath(cache_dir)

@@ -49,6 +49,7 @@ from .support import (
     start_origin,
     start_proxy,
     stored,
+    wait_for,
 )
 
 PEP691 = "application/vnd.pypi.simple.v1+json"
@@ -1125,9 +1126,15 @@ class TwistdMirrorTests(TestCase):
             self.assertEqual(origin.count(f"/packages/{name}"), 1)
             self.assertTrue(came_through_proxy(origin, f"/packages/{name}"))
         name = wheels["demo-lib"][0]
+        wheel = f"{base}packages/{name}"
+        # The MISS's line (written by whichever worker served it) before the
+        # HIT's, so that the log keeps their order.
+        await wait_for(
+            lambda: os.path.exists(log) and bool(caches_of(access_log(log), wheel))
+        )
         response, _ = await fetch(client(self), f"{local}packages/{name}")
         self.assertEqual(header(response, "x-cache"), "HIT")
         self.assertEqual(header(response, "x-cache-upstream"), base)
         await proxy.stop()
         lines = access_log(log)
-        self.assertEqual(caches_of(lines, f"{base}packages/{name}"), ["MISS", "HIT"])
+        self.assertEqual(caches_of(lines, wheel), ["MISS", "HIT"])

@@ -36,6 +36,7 @@ from .support import (
     no_proxy_env,
     run,
     run_process,
+    wait_for,
     with_defines,
 )
 
@@ -237,7 +238,9 @@ class TransparentInterceptionTests(TestCase):
         self.assertEqual(h3.get("x-cache"), "MISS")
         self.assertEqual(body3, topology.bodies[OTHER])
         self.assertIn((netns.ROUTER_UP_IP, OTHER), topology.origin_requests())
-        self.assertIn(f"http://{netns.ORIGIN_IP2}{OTHER}", topology.logged_urls())
+        # The line is written once the response is over: wait for it.
+        other = f"http://{netns.ORIGIN_IP2}{OTHER}"
+        await wait_for(lambda: other in topology.logged_urls())
 
         assert topology.origin is not None
         await topology.origin.stop()
