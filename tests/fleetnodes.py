@@ -126,15 +126,10 @@ async def start_nodes(
 
 
 async def wait_until(condition: Any, timeout: float) -> None:
-    """Poll the async ``condition`` every 0.2 s; fail after ``timeout`` s."""
-    from tests.support import pause
+    """support.wait_for at a pace an object store can take (every 0.2 s)."""
+    from tests.support import wait_for
 
-    waited = 0.0
-    while not await condition():
-        if waited > timeout:
-            raise AssertionError("condition not met in time")
-        await pause(0.2)
-        waited += 0.2
+    await wait_for(condition, timeout, step=0.2)
 
 
 __all__ = [

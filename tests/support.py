@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import ipaddress
 import os
 import shutil
@@ -239,11 +240,21 @@ def pause(seconds: float = 0.0) -> defer.Deferred[None]:
 
 
 async def wait_for(
-    condition: Callable[[], bool], timeout: float = 30.0, step: float = 0.01
+    condition: Callable[[], Any], timeout: float = 30.0, step: float = 0.01
 ) -> None:
-    """Poll ``condition`` until true; fail after ``timeout`` seconds."""
+    """Poll ``condition`` until true; fail after ``timeout`` seconds.
+
+    ``condition`` may also return an awaitable (a Deferred or a coroutine)
+    whose result is the answer: a check that asks a server."""
+
+    async def holds() -> bool:
+        answer = condition()
+        if inspect.isawaitable(answer):
+            answer = await answer
+        return bool(answer)
+
     waited = 0.0
-    while not condition():
+    while not await holds():
         if waited > timeout:
             raise AssertionError("condition not met in time")
         await pause(step)

@@ -24,7 +24,6 @@ from twisted.web.client import ResponseFailed
 from twisted.web.server import NOT_DONE_YET, Request
 
 from cachingproxy.cache.variants import MAX_VARIANTS, normalise
-from cachingproxy.config import Mirror
 from cachingproxy.fetch.destination import DestinationPolicy, embedded_ipv4
 from cachingproxy.front import channel as channel_module
 from cachingproxy.front.backlog import LISTEN_BACKLOG, with_backlog
@@ -478,18 +477,10 @@ class MirrorDigestTests(TestCase):
     digest an index published before the mirror serves it."""
 
     async def test_forward_stored_tampered_file_not_served_by_the_mirror(self) -> None:
-        from .test_mirror import WHEEL, simple_page
+        from .test_mirror import WHEEL, demo_mirror
 
-        origin, oport = start_origin(self)
-        base = f"http://127.0.0.1:{oport}/"
-        origin.static(
-            "/simple/demo/",
-            simple_page(base, "demo", WHEEL),
-            headers=[("Content-Type", "text/html")],
-        )
         tampered = WHEEL[:-1] + b"X"
-        origin.static("/packages/demo-1.0-py3-none-any.whl", tampered)
-        service, pport = start_proxy(self, mirrors=(Mirror("/pypi/", (base,)),))
+        _origin, base, service, pport = demo_mirror(self, tampered)
         key = f"{base}packages/demo-1.0-py3-none-any.whl"
         _, body = await fetch(client(self, pport), key)  # the forward path
         self.assertEqual(body, tampered)
@@ -504,17 +495,9 @@ class MirrorDigestTests(TestCase):
         self.flushLoggedErrors()
 
     async def test_forward_stored_good_file_is_a_hit(self) -> None:
-        from .test_mirror import WHEEL, simple_page
+        from .test_mirror import WHEEL, demo_mirror
 
-        origin, oport = start_origin(self)
-        base = f"http://127.0.0.1:{oport}/"
-        origin.static(
-            "/simple/demo/",
-            simple_page(base, "demo", WHEEL),
-            headers=[("Content-Type", "text/html")],
-        )
-        origin.static("/packages/demo-1.0-py3-none-any.whl", WHEEL)
-        service, pport = start_proxy(self, mirrors=(Mirror("/pypi/", (base,)),))
+        origin, base, service, pport = demo_mirror(self, WHEEL)
         key = f"{base}packages/demo-1.0-py3-none-any.whl"
         await fetch(client(self, pport), key)
         await stored(service, key)

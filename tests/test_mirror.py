@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
@@ -22,6 +23,22 @@ def simple_page(base: str, name: str, wheel: bytes, digest: str | None = None) -
         f'<!DOCTYPE html><html><body><a href="{base}packages/{name}-1.0-py3-none-any.whl'
         f'#sha256={digest}">{name}-1.0-py3-none-any.whl</a></body></html>'
     ).encode()
+
+
+def demo_mirror(test: TestCase, served: bytes) -> tuple[Any, str, Any, int]:
+    """An origin whose PEP 503 page for ``demo`` publishes WHEEL's digest but
+    which serves ``served`` as the wheel, mounted at ``/pypi/`` of an
+    in-process proxy: the origin, its base URL, the proxy service and its port."""
+    origin, oport = start_origin(test)
+    base = f"http://127.0.0.1:{oport}/"
+    origin.static(
+        "/simple/demo/",
+        simple_page(base, "demo", WHEEL),
+        headers=[("Content-Type", "text/html")],
+    )
+    origin.static("/packages/demo-1.0-py3-none-any.whl", served)
+    service, pport = start_proxy(test, mirrors=(Mirror("/pypi/", (base,)),))
+    return origin, base, service, pport
 
 
 class MirrorTests(TestCase):
@@ -135,16 +152,7 @@ class MirrorTests(TestCase):
         return run(self._tampered())
 
     async def _tampered(self) -> None:
-        origin, oport = start_origin(self)
-        base = f"http://127.0.0.1:{oport}/"
-        origin.static(
-            "/simple/demo/",
-            simple_page(base, "demo", WHEEL),
-            headers=[("Content-Type", "text/html")],
-        )
-        tampered = WHEEL[:-1] + b"X"
-        origin.static("/packages/demo-1.0-py3-none-any.whl", tampered)
-        service, pport = start_proxy(self, mirrors=(Mirror("/pypi/", (base,)),))
+        _origin, base, service, pport = demo_mirror(self, WHEEL[:-1] + b"X")
         http = client(self)
         local = f"http://127.0.0.1:{pport}"
         await fetch(http, f"{local}/pypi/simple/demo/")
