@@ -245,11 +245,37 @@ class IFleet(Interface):
         """``shared_store`` in ``/status.json`` (at least ``ok``)."""
 
 
+class IKnownLookups(Interface):
+    """A store that can say, without I/O, what it last answered for a URL
+    (a store whose lookups are remembered and kept correct across
+    writers)."""
+
+    def known(url: str) -> list[StoredResponse] | None:
+        """The entries of ``url`` as the store would answer a lookup now,
+        the same objects as before while nothing changed; None when that
+        would need I/O."""
+
+
+class IQuickHits(Interface):
+    """Repeat hits answered without building a twisted.web request: the
+    channel offers the plain ``GET`` heads it recognises
+    (:func:`cachingproxy.front.quick.simple_get`)."""
+
+    def answer(
+        target: bytes, host: bytes, client: str | None, port: int
+    ) -> bytes | None:
+        """The whole response (head and body) to ``GET target`` with
+        ``Host: host`` from ``client`` on local ``port``, logged and counted
+        as the request path would; None: let the request path serve it."""
+
+
 __all__ = [
     "IBodyWriter",
     "ICacheStore",
     "IDocumentFilter",
     "IFleet",
+    "IKnownLookups",
     "IPartialReader",
+    "IQuickHits",
     "IUpstream",
 ]

@@ -32,8 +32,9 @@ from cachingproxy.front.surface import Surface
 from cachingproxy.handler.cached import CachedPath
 from cachingproxy.handler.forward import Forwarder, request_body
 from cachingproxy.handler.plan import Plan, ServeBody
+from cachingproxy.handler.quick import Prepared, QuickHits
 from cachingproxy.handler.sender import Sender
-from cachingproxy.interfaces import ICacheStore, IFleet, IUpstream
+from cachingproxy.interfaces import ICacheStore, IFleet, IKnownLookups, IUpstream
 from cachingproxy.mirror.mirrors import MirrorTable
 from cachingproxy.mirror.mirrorserve import MirrorService
 from cachingproxy.ops import pages
@@ -143,6 +144,19 @@ class Proxy:
             clock=clock,
         )
         self.surface = self._surface()
+        self.quick: QuickHits | None = None
+        """Repeat hits answered from memory (not in a fleet, whose shared
+        store the memo cannot watch)."""
+        if fleet is None and IKnownLookups.providedBy(store):
+            self.quick = QuickHits(
+                store,
+                clock,
+                reusable=self.cached.reusable,
+                allowed=self._client_allowed,
+                purging=self.downloads.purging,
+                expected=self.mirrors.expected,
+                record=self._record_quick,
+            )
 
     def _surface(self) -> Surface:
         return Surface(
@@ -170,6 +184,8 @@ class Proxy:
         self._config = config
         self._allowed_clients = AllowedClients(config.allow_client)
         self.surface = self._surface()
+        if self.quick is not None:
+            self.quick.clear()
 
     # -- entry point -----------------------------------------------------------
 
@@ -232,6 +248,8 @@ class Proxy:
         info.upstream = route.url.split("/", 3)[2]
         client_headers = pairs_from_headers(request.requestHeaders)
         rule = policy.select_rule(self.rules, route.url)
+        if self.auth is None:
+            info.rule = rule
         plan: Plan
         if (answer := methods.local_answer(method, client_headers)) is not None:
             plan = local_plan(answer)
@@ -322,27 +340,56 @@ class Proxy:
     ) -> None:
         if info.tunnel:
             return  # logged when the tunnel closes
+        if self.quick is not None:
+            self.quick.offer(request, info)
+        client = request.getClientAddress()
+        self._record(
+            getattr(client, "host", "-"),
+            request.method.decode("latin-1"),
+            info.url or request.uri.decode("latin-1"),
+            request.code,
+            request.sentLength,
+            started,
+            info,
+        )
+
+    def _record_quick(self, client: str | None, ready: Prepared, now: float) -> None:
+        """The record of a repeat hit answered from memory."""
+        info = Exchange(now, CacheStatus.HIT, ready.upstream, ready.url)
+        self._record(client or "-", "GET", ready.url, 200, len(ready.body), now, info)
+
+    def _record(
+        self,
+        client: str,
+        method: str,
+        url: str,
+        status: int,
+        sent: int,
+        started: float,
+        info: Exchange,
+    ) -> None:
+        """Count a finished request and write its access log line."""
+        duration = self.clock.seconds() - started
         if not info.own_page:
             self.stats.record_request(
                 cache=info.cache,
-                status=request.code,
-                bytes_sent=request.sentLength,
-                duration=self.clock.seconds() - started,
+                status=status,
+                bytes_sent=sent,
+                duration=duration,
                 host=info.upstream,
                 url=info.url or "",
             )
         if self._access_log is None:
             return
-        client = request.getClientAddress()
         self._access_log(
             {
                 "time": started,
-                "client": getattr(client, "host", "-"),
-                "method": request.method.decode("latin-1"),
-                "url": info.url or request.uri.decode("latin-1"),
-                "status": request.code,
-                "bytes": request.sentLength,
-                "duration_ms": int((self.clock.seconds() - started) * 1000),
+                "client": client,
+                "method": method,
+                "url": url,
+                "status": status,
+                "bytes": sent,
+                "duration_ms": int(duration * 1000),
                 "cache": info.cache,
                 "upstream": info.upstream,
             }

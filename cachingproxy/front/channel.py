@@ -26,7 +26,10 @@ from cachingproxy.front.limits import (
     client_key,
     held_back,
 )
+from cachingproxy.front.origdst import original_destination
+from cachingproxy.front.quick import plain_tcp, send_now, simple_get
 from cachingproxy.front.streaming import StreamedRequest, StreamingChannel
+from cachingproxy.interfaces import IQuickHits
 
 _log = Logger()
 
@@ -92,6 +95,9 @@ class Channel(StreamingChannel):
     """The head gate is checking credentials: reading is paused."""
     _content_waiting = False
     """The body was complete while the gate was still checking."""
+    _quick: IQuickHits | None = None
+    """Where plain repeat GETs on this connection are answered from memory
+    (a plain TCP connection, routed by its heads alone)."""
 
     def connectionMade(self) -> None:  # noqa: N802
         super().connectionMade()
@@ -107,6 +113,13 @@ class Channel(StreamingChannel):
                     self._reject(429, "too many connections from your address")
                     return
                 self._client = client
+            quick = self.site.quick
+            if (
+                quick is not None
+                and plain_tcp(self.transport)
+                and original_destination(self.transport) is None
+            ):
+                self._quick = quick
         self._start_head_timer()
 
     def getHost(self) -> Any:  # noqa: N802
@@ -139,6 +152,15 @@ class Channel(StreamingChannel):
             return
         if self._refused:
             return
+        if (
+            self._quick is not None
+            and not self.requests
+            and self.line_mode
+            and not self._buffer
+            and self.persistent
+            and self._answered_quickly(self._quick, data)
+        ):
+            return
         if self.line_mode and not self._handlingRequest and self._head_timer is None:
             self._start_head_timer()  # the first byte of the next request
         self._receiving += 1
@@ -158,6 +180,23 @@ class Channel(StreamingChannel):
             # the outermost call looks: a nested one (pipelined bytes given
             # back by requestDone) just queues them for the running loop.
             self._reject(400, "bare LF in the request head")
+
+    def _answered_quickly(self, quick: IQuickHits, data: bytes) -> bool:
+        """Answer ``data`` from ``quick`` if it is a plain repeat GET that
+        the memo knows (front/quick.py, handler/quick.py)."""
+        found = simple_get(data)
+        if found is None:
+            return False
+        peer, local = self.getPeer(), self.getHost()
+        reply = quick.answer(
+            found[0], found[1], getattr(peer, "host", None), getattr(local, "port", 0)
+        )
+        if reply is None:
+            return False
+        self.resetTimeout()
+        self._stop_head_timer()
+        send_now(self.transport, reply)  # type: ignore[arg-type]
+        return True
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
         if b"\n" in line:
@@ -384,6 +423,8 @@ class ProxySite(Site):
     """Seconds for a request head (tests make it short)."""
     gate: HeadGate | None = None
     """Checks made when a request head is complete (set by the service)."""
+    quick: IQuickHits | None = None
+    """Answers plain repeat GETs from memory (set by the service)."""
 
     def __init__(self, resource: Any, max_client_connections: int = 256) -> None:
         super().__init__(resource, timeout=IDLE_TIMEOUT)

@@ -223,6 +223,11 @@ class CachedPath:
         status, message = error_status(outcome)
         return Fail(status, message, CacheStatus.MISS)
 
+    def reusable(self, rule: Rule, entry: StoredResponse, now: float) -> bool:
+        """Whether ``entry`` may be served as a hit at ``now`` to a client
+        that asks nothing of its freshness (no ``Cache-Control``)."""
+        return self._reusable(rule, entry, [], now, True)
+
     def _reusable(
         self,
         rule: Rule,

@@ -107,6 +107,7 @@ class Sender:
         ):
             return
         if isinstance(plan, ServeEntry):
+            info.served = plan.entry
             await self._entry(
                 request, plan.entry, plan.cache, client_headers, documents
             )

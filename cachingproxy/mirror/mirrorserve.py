@@ -123,13 +123,15 @@ class MirrorService:
                     rendered=self._rendered,
                 )
             else:
+                info.rule, info.mirror = rule, True
+                info.expected = expected = self.expected(url)
                 plan = await self._cached.decide(
                     url,
                     rule,
                     client_headers,
                     target,
                     head=method == "HEAD",
-                    expected=self._digest(url),
+                    expected=expected,
                 )
         await self._sender.send(request, plan, info, client_headers, rewrite)
 
@@ -189,7 +191,8 @@ class MirrorService:
             self._protocol_rules[protocol] = rules
         return rules
 
-    def _digest(self, url: str) -> Digest | None:
+    def expected(self, url: str) -> Digest | None:
+        """The digest an index published for the file at ``url``, if any."""
         digest = self.digests.get(url)
         if digest is None and self.shared_digests is not None:
             digest = self.shared_digests.get(url)

@@ -56,7 +56,7 @@ from cachingproxy.cache.store.index import (
     unlink_quietly,
 )
 from cachingproxy.errors import BodyMissing, StoreFull
-from cachingproxy.interfaces import IBodyWriter, ICacheStore
+from cachingproxy.interfaces import IBodyWriter, ICacheStore, IKnownLookups
 
 _log = Logger()
 
@@ -67,7 +67,7 @@ LOW_WATER = 0.9
 """Eviction frees bodies until they take at most this share of ``max_size``."""
 
 
-@implementer(ICacheStore)
+@implementer(ICacheStore, IKnownLookups)
 class DiskStore:
     """Cached responses in a directory; use :meth:`open` to make one."""
 
@@ -334,6 +334,11 @@ class DiskStore:
             entries = self._index.lookup(url)
             self._recent.put(url, entries)
         return entries
+
+    def known(self, url: str) -> list[StoredResponse] | None:
+        if self._closed:
+            return None
+        return self._recent.get(url)
 
     def read(
         self,

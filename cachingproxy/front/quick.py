@@ -1,0 +1,120 @@
+"""The lean front for repeat hits: a lone, plain ``GET`` head recognised
+without twisted.web's request machinery.
+
+A client that fetches the same stored files again and again (a CI farm
+restoring its wheels) sends heads with nothing in them that a hit depends
+on.  :func:`simple_get` recognises exactly those — one complete
+``GET … HTTP/1.1`` head whose fields are all in :data:`IGNORED_ON_HIT` — so
+the channel can ask the proxy's :class:`~cachingproxy.interfaces.IQuickHits`
+for the stored answer.  Anything else (a header a hit depends on, a second
+request in the same bytes, an odd byte, an HTTP/1.0 client) answers None
+and goes through the full parser with all of SPEC 8's checks.
+
+:func:`send_now` writes an answer straight to an idle socket, sparing the
+reactor a round of write-readiness for a response that fits the socket
+buffer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import ISSLTransport
+
+IGNORED_ON_HIT = frozenset(
+    {
+        b"host",
+        b"user-agent",
+        b"accept",
+        b"accept-encoding",
+        b"accept-language",
+        b"connection",
+    }
+)
+"""Request fields that no decision about a stored response without
+``Vary`` reads: a head with only these may be answered from the memo.
+(``Accept-Encoding`` selects a variant only through ``Vary``; entries with
+``Vary`` are never answered quickly.)"""
+
+MAX_QUICK_HEAD = 8192
+"""Longer heads go through the full parser."""
+
+_TARGET = re.compile(rb"(?:/|http://)[\x21-\x7e]*\Z")
+"""An origin-form or plain-http absolute-form target of visible ASCII."""
+
+_FIELD_VALUE = re.compile(rb"[\x20-\x7e\t]*\Z")
+
+
+def simple_get(data: bytes) -> tuple[bytes, bytes] | None:
+    """``(target, host)`` when ``data`` is exactly one complete HTTP/1.1
+    ``GET`` head with a single ``Host`` and no field outside
+    :data:`IGNORED_ON_HIT` (``Connection`` only ``keep-alive``); None for
+    anything else."""
+    if (
+        len(data) > MAX_QUICK_HEAD
+        or not data.startswith(b"GET ")
+        or data.find(b"\r\n\r\n") != len(data) - 4
+    ):
+        return None
+    lines = data[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not _TARGET.match(parts[1]):
+        return None
+    host: bytes | None = None
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        lname = name.lower()
+        if not sep or lname not in IGNORED_ON_HIT or not _FIELD_VALUE.match(value):
+            return None  # also: a name with spaces, obs-fold, a bare CR or LF
+        value = value.strip(b" \t")
+        if lname == b"host":
+            if host is not None or not value:
+                return None
+            host = value
+        elif lname == b"connection" and value.lower() != b"keep-alive":
+            return None
+    if host is None:
+        return None
+    return parts[1], host
+
+
+def plain_tcp(transport: Any) -> bool:
+    """Whether ``transport`` is a plain TCP connection (not TLS, not a
+    tunnel inside one): the only kind answered quickly and written to with
+    :func:`send_now`."""
+    return (
+        isinstance(transport, tcp.Connection)
+        and not getattr(transport, "TLS", False)
+        and not ISSLTransport.providedBy(transport)
+    )
+
+
+def send_now(transport: tcp.Connection, data: bytes) -> None:
+    """Write ``data``: straight to the socket when the transport holds
+    nothing yet (what the socket does not take is queued as usual), else
+    through the transport."""
+    try:
+        held = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        idle = held == 0 and transport.connected and not transport.disconnecting
+    except AttributeError:  # a Twisted whose internals differ
+        idle = False
+    if idle:
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # EAGAIN, or an error the transport will report
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+__all__ = [
+    "IGNORED_ON_HIT",
+    "MAX_QUICK_HEAD",
+    "plain_tcp",
+    "send_now",
+    "simple_get",
+]

@@ -1,0 +1,270 @@
+"""Repeat hits from memory: the lean hit path (issue 11).
+
+When the request path has served a small stored body whole as a ``HIT`` to
+a plain ``GET`` (one that :func:`cachingproxy.front.quick.simple_get`
+recognises), :meth:`QuickHits.offer` keeps the response it sent — status
+line, fields and body — under the request's target, ``Host`` and local
+port.  The next such head on any plain-TCP connection is answered from that
+memo by :meth:`QuickHits.answer`, without a twisted.web ``Request``, the
+router or the cached path, but only after the checks that decide a hit are
+made again on the same values:
+
+- the client is allowed (``--allow-client``);
+- no purge of the URL is in progress;
+- the store still answers the lookup with the very entry that was served
+  (:class:`~cachingproxy.interfaces.IKnownLookups`: any write, purge or
+  eviction, by this process or another worker, replaces it);
+- the entry is still reusable under its rule at this moment (the cached
+  path's own :meth:`~cachingproxy.handler.cached.CachedPath.reusable`);
+- for a mirror, the digest its index publishes is still the one the body
+  was checked against.
+
+``Age`` (and ``Date`` where the stored response has none) is made for each
+answer; the access log and the statistics get the same record as from the
+request path.  Anything else — a ``Vary``, a range, a conditional, a body
+over :data:`QUICK_MAX_BODY` — is never kept, so it is always served by the
+request path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from attrs import frozen
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.web.http import datetimeToString
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from cachingproxy.cache.age import current_age
+from cachingproxy.cache.entry import StoredResponse
+from cachingproxy.cache.status import CacheStatus
+from cachingproxy.config import Rule
+from cachingproxy.front.exchange import Exchange
+from cachingproxy.front.origdst import original_destination
+from cachingproxy.front.quick import IGNORED_ON_HIT, plain_tcp
+from cachingproxy.interfaces import ICacheStore, IKnownLookups, IQuickHits
+
+QUICK_MAX_BODY = 64 * 1024
+"""Bodies up to this size are kept (a larger one goes out with sendfile)."""
+
+QUICK_MAX_BYTES = 32 * 1024 * 1024
+"""All kept responses together (the oldest are dropped first)."""
+
+Key = tuple[bytes, bytes, int]
+"""A request target, its ``Host`` and the local port it came in on."""
+
+
+@frozen
+class Prepared:
+    """One response kept for repeat hits."""
+
+    url: str
+    upstream: str
+    rule: Rule
+    entry: StoredResponse
+    mirror: bool
+    expected: tuple[str, str] | None
+    head: bytes
+    """The status line and every field but ``Age`` (and a made ``Date``)."""
+    dated: bool
+    """The stored response has no ``Date``: one is made per answer."""
+    body: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + len(self.body)
+
+
+Record = Callable[[str | None, Prepared, float], None]
+"""Logs and counts one answer: client address, what was sent, when."""
+
+
+@implementer(IQuickHits)
+class QuickHits:
+    """The memo of repeat hits of one proxy (see the module's text)."""
+
+    def __init__(
+        self,
+        store: ICacheStore,
+        clock: IReactorTime,
+        *,
+        reusable: Callable[[Rule, StoredResponse, float], bool],
+        allowed: Callable[[str], bool],
+        purging: Callable[[str], object | None],
+        expected: Callable[[str], tuple[str, str] | None],
+        record: Record,
+        max_bytes: int = QUICK_MAX_BYTES,
+    ) -> None:
+        self._store = store
+        self._known = IKnownLookups(store)
+        self._clock = clock
+        self._reusable = reusable
+        self._allowed = allowed
+        self._purging = purging
+        self._expected = expected
+        self._record = record
+        self._max_bytes = max_bytes
+        self._memo: dict[Key, Prepared] = {}
+        self._bytes = 0
+        self.answered = 0
+        """Answers given (tests and the curious)."""
+
+    # -- the channel's side ---------------------------------------------------
+
+    def answer(
+        self, target: bytes, host: bytes, client: str | None, port: int
+    ) -> bytes | None:
+        key = (target, host, port)
+        ready = self._memo.get(key)
+        if ready is None:
+            return None
+        if client is not None and not self._allowed(client):
+            return None
+        url, entry = ready.url, ready.entry
+        if self._purging(url) is not None:
+            return None
+        known = self._known.known(url)
+        if known is None:
+            return None
+        if len(known) != 1 or known[0] is not entry:
+            self._drop(key)  # replaced, purged or evicted
+            return None
+        now = self._clock.seconds()
+        if not self._reusable(ready.rule, entry, now):
+            return None
+        if ready.mirror and self._expected(url) != ready.expected:
+            return None
+        self._store.touch(entry)
+        head = ready.head + b"Age: %d\r\n" % int(current_age(entry, now))
+        if ready.dated:
+            head += b"Date: %s\r\n" % datetimeToString()
+        self.answered += 1
+        self._record(client, ready, now)
+        return head + b"\r\n" + ready.body
+
+    # -- the request path's side ---------------------------------------------
+
+    def offer(self, request: Request, info: Exchange) -> None:
+        """Keep what ``request`` was answered, if a plain ``GET`` that asks
+        the same may get it from memory."""
+        entry = info.served
+        if (
+            entry is None
+            or info.rule is None
+            or info.cache != CacheStatus.HIT
+            or entry.vary
+            or entry.size > QUICK_MAX_BODY
+            or request.code != 200
+            or request.method != b"GET"
+            or request.clientproto != b"HTTP/1.1"
+            or request.sentLength != entry.size
+        ):
+            return
+        key = _key(request)
+        if key is None or key in self._memo:
+            return
+        dated = entry.header("date") is None
+        fields = _fields(request, dated)
+        if fields is None:
+            return
+        head = b"HTTP/1.1 200 %s\r\n%s" % (request.code_message, fields)
+        rule, collector = info.rule, _Collector()
+
+        def read(_: object) -> None:
+            self._keep(
+                key,
+                Prepared(
+                    url=info.url,
+                    upstream=info.upstream,
+                    rule=rule,
+                    entry=entry,
+                    mirror=info.mirror,
+                    expected=info.expected,
+                    head=head,
+                    dated=dated,
+                    body=b"".join(collector.parts),
+                ),
+            )
+
+        d = self._store.read(entry, collector)
+        d.addCallback(read)
+        d.addErrback(lambda _: None)  # not kept: the request path serves it
+
+    def clear(self) -> None:
+        """Forget everything (the configuration changed)."""
+        self._memo.clear()
+        self._bytes = 0
+
+    # -- internals -------------------------------------------------------------
+
+    def _keep(self, key: Key, ready: Prepared) -> None:
+        if len(ready.body) != ready.entry.size or ready.size > self._max_bytes:
+            return
+        self._drop(key)
+        self._memo[key] = ready
+        self._bytes += ready.size
+        while self._bytes > self._max_bytes:
+            self._drop(next(iter(self._memo)))
+
+    def _drop(self, key: Key) -> None:
+        ready = self._memo.pop(key, None)
+        if ready is not None:
+            self._bytes -= ready.size
+
+
+def _key(request: Request) -> Key | None:
+    """The memo key of a request whose head :func:`simple_get` would
+    accept, on a plain TCP connection that is routed by its head alone; None
+    for any other."""
+    # A tunnel's inner requests (--intercept) have a TLS transport.
+    transport = request.transport
+    if not plain_tcp(transport) or original_destination(transport) is not None:
+        return None
+    host: bytes | None = None
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        lname = name.lower()
+        if lname not in IGNORED_ON_HIT or len(values) != 1:
+            return None
+        if lname == b"host":
+            host = values[0]
+        elif lname == b"connection" and values[0].lower() != b"keep-alive":
+            return None
+    if host is None:
+        return None
+    return request.uri, host, getattr(request.getHost(), "port", 0)
+
+
+def _fields(request: Request, dated: bool) -> bytes | None:
+    """The response's fields as sent, but those made per answer (``Age``,
+    and ``Date`` when ``dated``)."""
+    lines: list[bytes] = []
+    for name, values in request.responseHeaders.getAllRawHeaders():
+        lname = name.lower()
+        if lname in (b"connection", b"transfer-encoding", b"set-cookie"):
+            return None  # not a plain keep-alive answer with a length
+        if lname == b"age" or (dated and lname == b"date"):
+            continue
+        lines.extend(b"%s: %s\r\n" % (name, value) for value in values)
+    return b"".join(lines)
+
+
+@implementer(IConsumer)
+class _Collector:
+    """A consumer that keeps what the store writes (a small body)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
+        pass
+
+    def unregisterProducer(self) -> None:  # noqa: N802
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+
+__all__ = ["QUICK_MAX_BODY", "Prepared", "QuickHits"]

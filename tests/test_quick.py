@@ -1,0 +1,349 @@
+"""The lean hit path: plain repeat GETs answered from memory
+(front/quick.py, handler/quick.py), and every way back to the request path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import directlyProvides
+
+from cachingproxy.cache.entry import StoredResponse
+from cachingproxy.cache.store.disk import DiskStore
+from cachingproxy.config import Rule
+from cachingproxy.front.quick import simple_get
+from cachingproxy.handler.quick import Prepared, QuickHits
+from cachingproxy.interfaces import ICacheStore, IKnownLookups
+from tests.support import (
+    Origin,
+    RawClient,
+    _response_complete,
+    parse_raw_response,
+    pause,
+    raw_connect,
+    run,
+    start_origin,
+    start_proxy,
+    stored,
+)
+
+BODY = os.urandom(20_000)
+PLAIN = "Host: {host}\r\nUser-Agent: pip/24\r\nAccept: */*\r\nAccept-Encoding: gzip\r\n"
+
+
+def head(target: str, host: str, extra: str = "") -> bytes:
+    return (f"GET {target} HTTP/1.1\r\n{PLAIN.format(host=host)}{extra}\r\n").encode()
+
+
+class SimpleGetTests(SynchronousTestCase):
+    """Which heads the lean front takes; everything else is the full
+    parser's (with all of SPEC 8's checks)."""
+
+    def test_plain_heads(self) -> None:
+        self.assertEqual(
+            simple_get(head("/pypi/x.whl", "cache:3128")),
+            (b"/pypi/x.whl", b"cache:3128"),
+        )
+        self.assertEqual(
+            simple_get(head("http://example.org/a?b=c", "example.org")),
+            (b"http://example.org/a?b=c", b"example.org"),
+        )
+        keep = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Keep-Alive\r\n\r\n"
+        self.assertEqual(simple_get(keep), (b"/", b"h"))
+
+    def test_everything_else_goes_to_the_full_parser(self) -> None:
+        refused = [
+            b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: h\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",  # no Host
+            b"GET / HTTP/1.1\r\nHost: h\r\nHost: i\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: \r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nRange: bytes=0-1\r\n\r\n",
+            b'GET / HTTP/1.1\r\nHost: h\r\nIf-None-Match: "x"\r\n\r\n',
+            b"GET / HTTP/1.1\r\nHost: h\r\nCache-Control: no-cache\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nPragma: no-cache\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nVia: 1.1 other\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nProxy-Authorization: Basic eA==\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nAccept: a\r\n b\r\n\r\n",  # obs-fold
+            b"GET / HTTP/1.1\r\nHost : h\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\nAccept: a\r\n\r\n",  # bare LF
+            b"GET / HTTP/1.1\r\nHost: h\rX\r\n\r\n",  # bare CR
+            b"GET /\xff HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET /a b HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET * HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET https://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\n",  # not complete yet
+            b"GET / HTTP/1.1\r\nHost: h\r\nUser-Agent: " + b"a" * 9000 + b"\r\n\r\n",
+        ]
+        for data in refused:
+            self.assertIsNone(simple_get(data), data)
+
+
+class _Entries:
+    """What a store knows of one URL (the seam QuickHits reads)."""
+
+    def __init__(self, entry: StoredResponse) -> None:
+        self.entries: list[StoredResponse] | None = [entry]
+        self.touched = 0
+
+    def known(self, url: str) -> list[StoredResponse] | None:
+        return self.entries
+
+    def touch(self, entry: StoredResponse) -> None:
+        self.touched += 1
+
+
+class AnswerTests(SynchronousTestCase):
+    """QuickHits.answer makes the checks of a hit again, on a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.entry = StoredResponse(
+            url="http://o/f",
+            variant="",
+            vary=(),
+            status=200,
+            headers=(("Content-Length", "3"),),
+            stored_at=1000,
+            initial_age=5,
+            size=3,
+        )
+        self.store = _Entries(self.entry)
+        self.allowed = True
+        self.purge: object | None = None
+        self.digest: tuple[str, str] | None = None
+        self.records: list[tuple[str | None, float]] = []
+        directlyProvides(self.store, ICacheStore, IKnownLookups)
+        self.quick = QuickHits(
+            self.store,  # type: ignore[arg-type]
+            self.clock,
+            reusable=lambda rule, entry, now: now < entry.stored_at + 60,
+            allowed=lambda client: self.allowed,
+            purging=lambda url: self.purge,
+            expected=lambda url: self.digest,
+            record=lambda client, ready, now: self.records.append((client, now)),
+        )
+        self.quick._keep(
+            (b"/f", b"o", 80),
+            Prepared(
+                url="http://o/f",
+                upstream="o",
+                rule=Rule(re.compile(""), 60, name="r"),
+                entry=self.entry,
+                mirror=True,
+                expected=None,
+                head=b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n",
+                dated=False,
+                body=b"abc",
+            ),
+        )
+
+    def answer(self) -> bytes | None:
+        return self.quick.answer(b"/f", b"o", "127.0.0.1", 80)
+
+    def test_answer_with_age(self) -> None:
+        self.clock.advance(7)
+        self.assertEqual(
+            self.answer(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nAge: 12\r\n\r\nabc",
+        )
+        self.assertEqual(self.records, [("127.0.0.1", 1007)])
+        self.assertEqual(self.store.touched, 1)
+        self.assertIsNone(self.quick.answer(b"/f", b"other", "127.0.0.1", 80))
+        self.assertIsNone(self.quick.answer(b"/f", b"o", "127.0.0.1", 81))
+
+    def test_stale_is_not_answered(self) -> None:
+        self.clock.advance(60)
+        self.assertIsNone(self.answer())
+        self.assertEqual(self.records, [])
+
+    def test_each_check(self) -> None:
+        self.allowed = False
+        self.assertIsNone(self.answer())
+        self.allowed = True
+        self.purge = object()
+        self.assertIsNone(self.answer())
+        self.purge = None
+        self.digest = ("sha256", "00")  # an index now publishes a digest
+        self.assertIsNone(self.answer())
+        self.digest = None
+        self.store.entries = None  # the store would need I/O to tell
+        self.assertIsNone(self.answer())
+        self.store.entries = [self.entry]
+        self.assertIsNotNone(self.answer())
+        self.store.entries = [self.entry.replace(size=3)]  # replaced
+        self.assertIsNone(self.answer())
+        self.store.entries = [self.entry]
+        self.assertIsNone(self.answer())  # forgotten with the replacement
+        self.assertEqual(len(self.records), 1)
+
+
+class Conversation:
+    """Requests one after another on one keep-alive connection."""
+
+    def __init__(self, client: RawClient) -> None:
+        self.client = client
+
+    @classmethod
+    async def open(cls, test: TestCase, port: int) -> Conversation:
+        return cls(await raw_connect(test, port, b""))
+
+    async def get(self, data: bytes) -> tuple[int, dict[str, list[str]], bytes]:
+        self.client.received.clear()
+        self.client.transport.write(data)  # type: ignore[union-attr]
+        for _ in range(1000):
+            if _response_complete(bytes(self.client.received)):
+                break
+            await pause(0.005)
+        return parse_raw_response(bytes(self.client.received))
+
+
+class RepeatHitTests(TestCase):
+    """A real proxy and origin: what the memo answers, and when it steps
+    aside."""
+
+    def setUp(self) -> None:
+        self.origin: Origin
+        self.origin, self.origin_port = start_origin(self)
+        self.origin.static(
+            "/f.dat", BODY, [("Cache-Control", "max-age=3600")], etag='"v1"'
+        )
+        self.origin.static(
+            "/v.dat",
+            BODY,
+            [("Cache-Control", "max-age=3600"), ("Vary", "Accept-Encoding")],
+        )
+        self.log = self.mktemp()
+        self.service, self.port = start_proxy(self, access_log=self.log)
+        self.url = f"http://127.0.0.1:{self.origin_port}/f.dat"
+        self.host = f"127.0.0.1:{self.origin_port}"
+
+    @property
+    def quick(self) -> Any:
+        assert self.service.proxy is not None
+        return self.service.proxy.quick
+
+    async def warm(self, talk: Conversation, url: str | None = None) -> None:
+        """A MISS, then a HIT from the request path (which the memo keeps)."""
+        url = url or self.url
+        status, headers, _ = await talk.get(head(url, self.host))
+        self.assertEqual((status, headers["x-cache"]), (200, ["MISS"]))
+        await stored(self.service, url)
+        status, headers, _ = await talk.get(head(url, self.host))
+        self.assertEqual((status, headers["x-cache"]), (200, ["HIT"]))
+
+    def test_repeat_hits_from_memory(self) -> defer.Deferred[None]:
+        async def scenario() -> None:
+            talk = await Conversation.open(self, self.port)
+            await self.warm(talk)
+            self.assertEqual(self.quick.answered, 0)
+            for _ in range(3):
+                status, headers, body = await talk.get(head(self.url, self.host))
+                self.assertEqual(status, 200)
+                self.assertEqual(
+                    hashlib.sha256(body).digest(), hashlib.sha256(BODY).digest()
+                )
+                self.assertEqual(headers["x-cache"], ["HIT"])
+                self.assertEqual(headers["content-length"], [str(len(BODY))])
+                self.assertEqual(headers["etag"], ['"v1"'])
+                self.assertIn("cachingproxy", headers["via"][0])
+                self.assertEqual(len(headers["age"]), 1)
+                self.assertEqual(len(headers["date"]), 1)
+            self.assertEqual(self.quick.answered, 3)
+            self.assertEqual(self.origin.count("/f.dat"), 1)
+            # On another connection too, and counted like any hit.
+            other = await Conversation.open(self, self.port)
+            status, _, body = await other.get(head(self.url, self.host))
+            self.assertEqual((status, body), (200, BODY))
+            self.assertEqual(self.quick.answered, 4)
+            stats = self.service.proxy.stats  # type: ignore[union-attr]
+            self.assertEqual((stats.from_cache, stats.cache_misses), (5, 1))
+            self.assertEqual(stats.bytes_from_cache, 5 * len(BODY))
+            await pause(0.05)
+            with open(self.log) as f:
+                lines = [line for line in f if "/f.dat" in line]
+            self.assertEqual(len(lines), 6)
+            self.assertEqual(sum(" HIT " in line for line in lines), 5)
+
+        return run(scenario())
+
+    def test_heads_a_hit_depends_on_take_the_request_path(
+        self,
+    ) -> defer.Deferred[None]:
+        async def scenario() -> None:
+            talk = await Conversation.open(self, self.port)
+            await self.warm(talk)
+            status, headers, body = await talk.get(
+                head(self.url, self.host, "Range: bytes=0-9\r\n")
+            )
+            self.assertEqual((status, body), (206, BODY[:10]))
+            status, _, body = await talk.get(
+                head(self.url, self.host, 'If-None-Match: "v1"\r\n')
+            )
+            self.assertEqual((status, body), (304, b""))
+            # A client asking for a fresh copy revalidates upstream.
+            status, headers, _ = await talk.get(
+                head(self.url, self.host, "Cache-Control: no-cache\r\n")
+            )
+            self.assertEqual(headers["x-cache"], ["REVALIDATED"])
+            self.assertEqual(self.origin.count("/f.dat"), 2)
+            self.assertEqual(self.quick.answered, 0)
+            # Two heads in one packet: the full parser, in order.
+            data = head(self.url, self.host) + head(self.url, self.host)
+            client = await raw_connect(self, self.port, data)
+            for _ in range(400):
+                if client.received.count(BODY) == 2:
+                    break
+                await pause(0.005)
+            self.assertEqual(client.received.count(BODY), 2)
+            self.assertEqual(self.quick.answered, 0)
+
+        return run(scenario())
+
+    def test_a_purge_or_another_writer_is_seen(self) -> defer.Deferred[None]:
+        async def scenario() -> None:
+            talk = await Conversation.open(self, self.port)
+            await self.warm(talk)
+            await talk.get(head(self.url, self.host))
+            self.assertEqual(self.quick.answered, 1)
+            await self.service.proxy.purge_url(self.url)  # type: ignore[union-attr]
+            _, headers, body = await talk.get(head(self.url, self.host))
+            self.assertEqual((headers["x-cache"], body), (["MISS"], BODY))
+            self.assertEqual(self.origin.count("/f.dat"), 2)
+            await stored(self.service, self.url)
+            await talk.get(head(self.url, self.host))  # kept again
+            await talk.get(head(self.url, self.host))
+            self.assertEqual(self.quick.answered, 2)
+            # Another process (a worker, cachingproxy-cache) drops the entry.
+            other = DiskStore.open(self.service.config.cache_dir, reactor=reactor)
+            await other.remove(self.url)
+            await other.close()
+            _, headers, body = await talk.get(head(self.url, self.host))
+            self.assertEqual((headers["x-cache"], body), (["MISS"], BODY))
+            self.assertEqual(self.quick.answered, 2)
+            self.assertEqual(self.origin.count("/f.dat"), 3)
+
+        return run(scenario())
+
+    def test_vary_is_never_kept(self) -> defer.Deferred[None]:
+        async def scenario() -> None:
+            talk = await Conversation.open(self, self.port)
+            url = f"http://127.0.0.1:{self.origin_port}/v.dat"
+            await self.warm(talk, url)
+            for _ in range(2):
+                _, headers, body = await talk.get(head(url, self.host))
+                self.assertEqual((headers["x-cache"], body), (["HIT"], BODY))
+            self.assertEqual(self.quick.answered, 0)
+
+        return run(scenario())
