@@ -262,11 +262,12 @@ class IQuickHits(Interface):
     (:func:`cachingproxy.front.quick.simple_get`)."""
 
     def answer(
-        target: bytes, host: bytes, client: str | None, port: int
+        target: bytes, host: bytes, client: str | None, local: tuple[str, int]
     ) -> bytes | None:
         """The whole response (head and body) to ``GET target`` with
-        ``Host: host`` from ``client`` on local ``port``, logged and counted
-        as the request path would; None: let the request path serve it."""
+        ``Host: host`` from ``client`` on the ``local`` address and port,
+        logged and counted as the request path would; None: let the request
+        path serve it."""
 
 
 __all__ = [

@@ -135,7 +135,7 @@ class AnswerTests(SynchronousTestCase):
             record=lambda client, ready, now: self.records.append((client, now)),
         )
         self.quick._keep(
-            (b"/f", b"o", 80),
+            (b"/f", b"o", "127.0.0.1", 80),
             Prepared(
                 url="http://o/f",
                 upstream="o",
@@ -150,7 +150,7 @@ class AnswerTests(SynchronousTestCase):
         )
 
     def answer(self) -> bytes | None:
-        return self.quick.answer(b"/f", b"o", "127.0.0.1", 80)
+        return self.quick.answer(b"/f", b"o", "127.0.0.1", ("127.0.0.1", 80))
 
     def test_answer_with_age(self) -> None:
         self.clock.advance(7)
@@ -160,8 +160,15 @@ class AnswerTests(SynchronousTestCase):
         )
         self.assertEqual(self.records, [("127.0.0.1", 1007)])
         self.assertEqual(self.store.touched, 1)
-        self.assertIsNone(self.quick.answer(b"/f", b"other", "127.0.0.1", 80))
-        self.assertIsNone(self.quick.answer(b"/f", b"o", "127.0.0.1", 81))
+        self.assertIsNone(
+            self.quick.answer(b"/f", b"other", "127.0.0.1", ("127.0.0.1", 80))
+        )
+        self.assertIsNone(
+            self.quick.answer(b"/f", b"o", "127.0.0.1", ("127.0.0.1", 81))
+        )
+        self.assertIsNone(
+            self.quick.answer(b"/f", b"o", "127.0.0.1", ("127.0.0.2", 80))
+        )
 
     def test_stale_is_not_answered(self) -> None:
         self.clock.advance(60)

@@ -189,7 +189,10 @@ class Channel(StreamingChannel):
             return False
         peer, local = self.getPeer(), self.getHost()
         reply = quick.answer(
-            found[0], found[1], getattr(peer, "host", None), getattr(local, "port", 0)
+            found[0],
+            found[1],
+            getattr(peer, "host", None),
+            (getattr(local, "host", ""), getattr(local, "port", 0)),
         )
         if reply is None:
             return False

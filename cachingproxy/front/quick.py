@@ -31,6 +31,17 @@ IGNORED_ON_HIT = frozenset(
         b"accept-encoding",
         b"accept-language",
         b"connection",
+        # npm's own fields, sent with every tarball and packument fetch.
+        b"npm-command",
+        b"npm-session",
+        b"npm-scope",
+        b"npm-auth-type",
+        b"npm-in-ci",
+        b"pacote-version",
+        b"pacote-req-type",
+        b"pacote-pkg-id",
+        b"pacote-integrity",
+        b"referer",
     }
 )
 """Request fields that no decision about a stored response without

@@ -49,11 +49,12 @@ from cachingproxy.interfaces import ICacheStore, IKnownLookups, IQuickHits
 QUICK_MAX_BODY = 64 * 1024
 """Bodies up to this size are kept (a larger one goes out with sendfile)."""
 
-QUICK_MAX_BYTES = 32 * 1024 * 1024
+QUICK_MAX_BYTES = 16 * 1024 * 1024
 """All kept responses together (the oldest are dropped first)."""
 
-Key = tuple[bytes, bytes, int]
-"""A request target, its ``Host`` and the local port it came in on."""
+Key = tuple[bytes, bytes, str, int]
+"""A request target, its ``Host`` and the local address and port it came
+in on (which the router reads)."""
 
 
 @frozen
@@ -114,9 +115,9 @@ class QuickHits:
     # -- the channel's side ---------------------------------------------------
 
     def answer(
-        self, target: bytes, host: bytes, client: str | None, port: int
+        self, target: bytes, host: bytes, client: str | None, local: tuple[str, int]
     ) -> bytes | None:
-        key = (target, host, port)
+        key = (target, host, *local)
         ready = self._memo.get(key)
         if ready is None:
             return None
@@ -233,7 +234,8 @@ def _key(request: Request) -> Key | None:
             return None
     if host is None:
         return None
-    return request.uri, host, getattr(request.getHost(), "port", 0)
+    local = request.getHost()
+    return request.uri, host, getattr(local, "host", ""), getattr(local, "port", 0)
 
 
 def _fields(request: Request, dated: bool) -> bytes | None:
