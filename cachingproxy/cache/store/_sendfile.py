@@ -1,11 +1,24 @@
-"""Zero-copy serving of a stored body with ``os.sendfile`` (plain TCP only).
+"""Serving a large stored body straight to a plain TCP socket.
 
-A client on a plain TCP connection gets a stored body straight from the
-page cache: the kernel copies the file into the socket, and the process
-never sees the bytes.  The socket is non-blocking; the sender watches a
-duplicate of its descriptor for writability (its own registration with the
-reactor, separate from the transport's), and sends only once the transport
-has flushed what it holds (the response head), so bytes stay in order.
+A client on a plain TCP connection gets a stored body without the bytes
+passing through Python objects, one of two ways:
+
+- ``os.sendfile`` (every peer that is not on this host): the kernel copies
+  the file from the page cache into the socket -- zero-copy on a real NIC;
+- mapped windows (a loopback peer, :func:`way_for`): ``os.write`` from an
+  ``mmap`` of a window of the file (:data:`WINDOW` bytes at a time, unmapped
+  as soon as it is sent).  On loopback the receiver copies the bytes anyway,
+  and a plain write from mapped pages measured nearly twice as fast as
+  ``sendfile`` (about 4.5 against 2-3.5 GB/s for one ``curl``).  Mapped
+  pages count in the process's resident memory, so at most
+  :data:`MAPPED_STREAMS` responses per process hold a window; the others
+  use ``sendfile``.  The file's size is checked before each window is
+  mapped: touching a mapped page past its end would be a ``SIGBUS``.
+
+Either way the socket is non-blocking; the sender watches a duplicate of its
+descriptor for writability (its own registration with the reactor, separate
+from the transport's), and sends only once the transport has flushed what
+it holds (the response head), so bytes stay in order.
 
 TLS (and anything that is not a plain ``tcp.Connection``) keeps the
 producer path: :func:`socket_of` answers None for it.
@@ -13,9 +26,11 @@ producer path: :func:`socket_of` answers None for it.
 
 from __future__ import annotations
 
+import ipaddress
+import mmap
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, fail, succeed
@@ -36,7 +51,105 @@ SENDFILE_MIN = 128 * 1024
 """Bodies (or ranges) smaller than this are read and written in one piece."""
 
 SEND_PER_CALL = 8 * 1024 * 1024
-"""At most this many bytes per ``sendfile`` call (one reactor turn)."""
+"""At most about this many bytes per writable event (one reactor turn)."""
+
+WINDOW = 2 * 1024 * 1024
+"""Bytes of the body file mapped at a time for a loopback peer (measured on
+loopback with one ``curl``: 1 MiB windows ~4.0, 2 MiB ~4.6, 4 MiB ~4.3 GB/s;
+``MAP_POPULATE`` made it slower)."""
+
+MAPPED_STREAMS = 4
+"""At most this many responses per process send from mapped windows at once
+(at most ``MAPPED_STREAMS * WINDOW`` bytes mapped); the others use sendfile."""
+
+SENDFILE: Literal["sendfile"] = "sendfile"
+MAPPED: Literal["mapped"] = "mapped"
+Way = Literal["sendfile", "mapped"]
+
+
+def way_for(host: str) -> Way:
+    """How to send a body to the peer at ``host`` (its IP address as text):
+    :data:`MAPPED` for a loopback peer (127.0.0.0/8, ``::1``,
+    ``::ffff:127.x.y.z``), where the receiver copies anyway; :data:`SENDFILE`
+    for every other peer (and anything that is not an IP address)."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return SENDFILE
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return MAPPED if ip.is_loopback else SENDFILE
+
+
+class _Slots:
+    """How many responses of this process hold mapped windows."""
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def take(self) -> bool:
+        if self.used >= MAPPED_STREAMS:
+            return False
+        self.used += 1
+        return True
+
+    def give(self) -> None:
+        self.used -= 1
+
+
+MAPPED_NOW = _Slots()
+"""The process's mapped streams (one event loop: no lock)."""
+
+
+class _Windows:
+    """Mapped windows over the bytes before ``end`` of the file ``body``,
+    one at a time, each mapped when first needed and unmapped by
+    :meth:`close` (the sender closes each as soon as it is sent)."""
+
+    def __init__(self, body: int, end: int) -> None:
+        self._body = body
+        self._end = end
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self._base = 0
+        self.mapped = 0
+        """How many windows were mapped (tests count them)."""
+
+    def part(self, offset: int) -> memoryview:
+        """The mapped bytes from ``offset`` to the end of its window (the
+        caller releases the view).  Raises ``BodyMissing`` where the file is
+        shorter than the window, OSError where it cannot be mapped."""
+        if self._view is None or offset >= self.stop:
+            self.close()
+            self._open(offset)
+        assert self._view is not None
+        return self._view[offset - self._base :]
+
+    @property
+    def stop(self) -> int:
+        """Where the mapped window ends (its start where none is mapped)."""
+        return self._base + (0 if self._view is None else len(self._view))
+
+    def _open(self, offset: int) -> None:
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        length = min(WINDOW, self._end - base)
+        # Before mapping: a page past the end of the file is a SIGBUS.
+        if os.fstat(self._body).st_size < base + length:
+            raise BodyMissing("body is truncated")
+        self._map = mmap.mmap(self._body, length, prot=mmap.PROT_READ, offset=base)
+        self._view = memoryview(self._map)
+        self._base = base
+        self.mapped += 1
+
+    def close(self) -> None:
+        """Unmap the window (its view first: a view holds the mapping)."""
+        if self._view is not None:
+            self._base += len(self._view)
+            self._view.release()
+            self._view = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
 
 
 def socket_of(consumer: object) -> tcp.Connection | None:
@@ -104,8 +217,10 @@ class Sendfile:
 
     ``consumer`` is a twisted.web request whose head is set; this registers
     as its (push) producer, writes the head, then sends the range whenever
-    the socket is writable, honouring pauses.  ``release`` is called once at
-    the end.  :meth:`start` fires when the range was sent, or fails with
+    the socket is writable, honouring pauses: with ``os.sendfile``, or from
+    mapped windows of the file for a loopback peer (:func:`way_for`, while
+    the process has a free slot).  ``release`` is called once at the end.
+    :meth:`start` fires when the range was sent, or fails with
     ``BodyMissing`` (the file is shorter) or ``ConnectionDone``.
     """
 
@@ -130,9 +245,18 @@ class Sendfile:
         self._writing = False
         self._paused = False
         self._done = False
+        self._windows: _Windows | None = None
         self._deferred: Deferred[None] = Deferred()
 
+    @property
+    def way(self) -> Way:
+        """How the rest of the body goes out."""
+        return SENDFILE if self._windows is None else MAPPED
+
     def start(self) -> Deferred[None]:
+        peer = getattr(self._transport.getPeer(), "host", "")
+        if way_for(peer) == MAPPED and MAPPED_NOW.take():
+            self._windows = _Windows(self._body, self._end)
         self._fd = os.dup(self._transport.fileno())
         self._consumer.registerProducer(self, True)
         self._consumer.write(b"")  # the response head, through the transport
@@ -171,25 +295,64 @@ class Sendfile:
             return
         if _pending(self._transport):
             return  # the head first: the transport sends it in this turn
-        count = min(self._end - self._offset, SEND_PER_CALL)
         try:
-            sent = os.sendfile(self._fd, self._body, self._offset, count)
+            if self._windows is None:
+                self._send_file()
+            else:
+                self._send_mapped(self._windows)
         except BlockingIOError:
+            return  # the socket is full: the next writable event goes on
+        except BodyMissing as e:
+            self._finish(e, unregister=True)
             return
         except OSError as e:
-            self._finish(ConnectionDone(f"sendfile: {e}"), unregister=True)
+            self._finish(ConnectionDone(f"{self.way}: {e}"), unregister=True)
             return
-        if sent == 0:
-            self._finish(BodyMissing("body is truncated"), unregister=True)
-            return
-        self._offset += sent
-        # What the access log counts (twisted.web's request.write does it).
-        request: Any = self._consumer
-        request.sentLength = getattr(request, "sentLength", 0) + sent
         if self._offset >= self._end:
             self._finish(None, unregister=True)
 
     # -- internals -------------------------------------------------------------
+
+    def _send_file(self) -> None:
+        count = min(self._end - self._offset, SEND_PER_CALL)
+        sent = os.sendfile(self._fd, self._body, self._offset, count)
+        if sent == 0:
+            raise BodyMissing("body is truncated")
+        self._count(sent)
+
+    def _send_mapped(self, windows: _Windows) -> None:
+        """Write from mapped windows as much as the socket takes (up to
+        about ``SEND_PER_CALL``), unmapping each window once it is sent."""
+        budget = SEND_PER_CALL
+        while budget > 0 and self._offset < self._end:
+            try:
+                part = windows.part(self._offset)
+            except OSError:
+                # Cannot map (address space, a file that does not map):
+                # sendfile sends the rest.
+                self._unmap()
+                return self._send_file()
+            with part:
+                sent = os.write(self._fd, part)
+                wanted = len(part)
+            self._count(sent)
+            budget -= sent
+            if self._offset >= windows.stop:
+                windows.close()
+            if sent < wanted:
+                return  # the socket took what it could
+
+    def _count(self, sent: int) -> None:
+        self._offset += sent
+        # What the access log counts (twisted.web's request.write does it).
+        request: Any = self._consumer
+        request.sentLength = getattr(request, "sentLength", 0) + sent
+
+    def _unmap(self) -> None:
+        if self._windows is not None:
+            self._windows.close()
+            self._windows = None
+            MAPPED_NOW.give()
 
     def _watch(self, on: bool) -> None:
         if on and not self._writing and not self._done:
@@ -204,6 +367,7 @@ class Sendfile:
             return
         self._done = True
         self._watch(False)
+        self._unmap()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -216,4 +380,16 @@ class Sendfile:
             self._deferred.errback(error)
 
 
-__all__ = ["SENDFILE_MIN", "SEND_PER_CALL", "Sendfile", "socket_of", "write_whole"]
+__all__ = [
+    "MAPPED",
+    "MAPPED_NOW",
+    "MAPPED_STREAMS",
+    "SENDFILE",
+    "SENDFILE_MIN",
+    "SEND_PER_CALL",
+    "WINDOW",
+    "Sendfile",
+    "socket_of",
+    "way_for",
+    "write_whole",
+]
