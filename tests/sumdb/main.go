@@ -1,14 +1,20 @@
 // A checksum database and module proxy for tests: serves ROOT (a GOPROXY
-// tree) and /sumdb/NAME/ (records made on demand from ROOT's files).
+// tree) and /sumdb/NAME/ (a record for every module version under ROOT,
+// all made at start in path order, so the tree never grows while a test
+// runs and every client sees the same signed tree and tiles).
 package main
 
 import (
+	"context"
 	"crypto/rand"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"os"
 	"path/filepath"
+	"sort"
+	"strings"
 
 	"golang.org/x/mod/module"
 	"golang.org/x/mod/sumdb"
@@ -40,7 +46,34 @@ func main() {
 		}
 		return []byte(fmt.Sprintf("%s %s %s\n%s %s/go.mod %s\n", path, vers, zipHash, path, vers, modHash)), nil
 	}
-	server := sumdb.NewServer(sumdb.NewTestServer(skey, gosum))
+	ts := sumdb.NewTestServer(skey, gosum)
+	var zips []string
+	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && strings.HasSuffix(p, ".zip") && filepath.Base(filepath.Dir(p)) == "@v" {
+			zips = append(zips, p)
+		}
+		return err
+	})
+	if err != nil {
+		panic(err)
+	}
+	sort.Strings(zips)
+	for _, zip := range zips {
+		rel, err := filepath.Rel(root, zip)
+		if err != nil {
+			panic(err)
+		}
+		esc, file := filepath.Split(rel)
+		path, err := module.UnescapePath(strings.TrimSuffix(filepath.ToSlash(esc), "/@v/"))
+		if err != nil {
+			panic(err)
+		}
+		version := strings.TrimSuffix(file, ".zip")
+		if _, err := ts.Lookup(context.Background(), module.Version{Path: path, Version: version}); err != nil {
+			panic(err)
+		}
+	}
+	server := sumdb.NewServer(ts)
 	prefix := "/sumdb/" + name
 	http.HandleFunc(prefix+"/supported", func(w http.ResponseWriter, r *http.Request) {})
 	http.Handle(prefix+"/", http.StripPrefix(prefix, server))
