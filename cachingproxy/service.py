@@ -170,6 +170,7 @@ class ProxyService(Service):
         assert self.site is not None
         self.site.resource = ProxyResource(self.proxy)
         self.site.quick = self.proxy.quick
+        self.site.via = self.proxy.via
         self.site.gate = HeadGate(
             config.allow_client, self.auth, frozenset(n.lower() for n in config.names)
         )

@@ -22,9 +22,29 @@ class CacheStatus(StrEnum):
     BYPASS = "BYPASS"
     """Not cacheable by method, rule or request: passed through."""
     NONE = "-"
-    """Errors and the proxy's own pages."""
+    """Errors and the proxy's own pages (the access log and the statistics;
+    their ``X-Cache`` header says ``BYPASS``)."""
     TUNNEL = "TUNNEL"
     """A CONNECT tunnel (access log only)."""
 
 
-__all__ = ["CacheStatus"]
+_HEADER = frozenset(
+    {
+        CacheStatus.HIT,
+        CacheStatus.MISS,
+        CacheStatus.REVALIDATED,
+        CacheStatus.STALE,
+        CacheStatus.OFFLINE,
+        CacheStatus.BYPASS,
+    }
+)
+
+
+def header_value(cache: CacheStatus) -> CacheStatus:
+    """The ``X-Cache`` header for ``cache``: one of SPEC 5's six values.  An
+    answer the cache had no part in (an error before any cache decision, the
+    proxy's own pages, a CONNECT's 200) says ``BYPASS``."""
+    return cache if cache in _HEADER else CacheStatus.BYPASS
+
+
+__all__ = ["CacheStatus", "header_value"]

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from cachingproxy.cache.status import CacheStatus
 from cachingproxy.front.gate import MAX_REQUEST_BODY, HeadGate, Refusal
 from cachingproxy.front.limits import (
     ConnectionLimiter,
@@ -333,9 +334,15 @@ class Channel(StreamingChannel):
                 self.abortTimeout, self.forceAbortClient
             )
         body = f"{status} {message}\n".encode()
+        # Like every answer (SPEC 5): X-Cache (the cache was not consulted)
+        # and the proxy's Via.
+        own = [("X-Cache", CacheStatus.BYPASS.value)]
+        via = getattr(self.site, "via", None)
+        if via:
+            own.append(("Via", via))
         extra = b"".join(
             b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
-            for k, v in headers
+            for k, v in (*headers, *own)
         )
         self.transport.write(  # type: ignore[union-attr]
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -428,6 +435,8 @@ class ProxySite(Site):
     """Checks made when a request head is complete (set by the service)."""
     quick: IQuickHits | None = None
     """Answers plain repeat GETs from memory (set by the service)."""
+    via: str | None = None
+    """The proxy's ``Via`` token, sent with the answers written here."""
 
     def __init__(self, resource: Any, max_client_connections: int = 256) -> None:
         super().__init__(resource, timeout=IDLE_TIMEOUT)

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from cachingproxy.cache import headers as H
 from cachingproxy.cache.entry import Header
-from cachingproxy.cache.status import CacheStatus
+from cachingproxy.cache.status import CacheStatus, header_value
 from cachingproxy.errors import UpstreamTimeout
 from cachingproxy.ops.stats import upstream_error_kind
 
@@ -89,7 +89,7 @@ def set_head(
     out = Headers(raw)
     if not has_date:
         out.setRawHeaders(b"Date", [datetimeToString()])
-    out.setRawHeaders(b"X-Cache", [cache.encode("ascii")])
+    out.setRawHeaders(b"X-Cache", [header_value(cache).encode("ascii")])
     if upstream is not None:
         out.setRawHeaders(b"X-Cache-Upstream", [upstream.encode("latin-1")])
     if age is not None:
