@@ -206,7 +206,8 @@ class IDocumentFilter(Interface):
     document, which it then reads whole (bounded) before sending."""
 
     def location(headers: list[Header]) -> list[Header]:
-        """``headers`` with ``Location`` changed as the client must see it."""
+        """``headers`` as the client must see them: ``Location`` changed,
+        ``X-Cache-Upstream`` added where it is missing."""
 
     def is_document(headers: list[Header]) -> bool:
         """Whether a response with these headers is a document to filter."""

@@ -12,7 +12,17 @@ from twisted.web.client import ResponseFailed
 
 from cachingproxy.config import Mirror
 
-from .support import client, fetch, header, run, start_origin, start_proxy
+from .support import (
+    client,
+    fetch,
+    header,
+    parse_raw_response,
+    raw_exchange,
+    run,
+    start_origin,
+    start_proxy,
+    stored,
+)
 
 WHEEL = b"PK\x03\x04 a wheel body " * 500
 
@@ -75,6 +85,40 @@ class MirrorTests(TestCase):
         self.assertEqual(header(r2, "x-cache"), "HIT")
         self.assertEqual(header(r2, "x-cache-upstream"), base)
         self.assertEqual(origin.count("/packages/demo-1.0-py3-none-any.whl"), 1)
+
+    def test_upstream_named_on_hits_cached_by_forward(self) -> defer.Deferred[None]:
+        """A file first cached through the forward path (no mirror involved)
+        and then fetched under a mirror prefix is a HIT that still names the
+        mirror's upstream in X-Cache-Upstream (SPEC 5), also on the repeat
+        hits answered from memory (handler/quick.py)."""
+        return run(self._forward_then_mirror())
+
+    async def _forward_then_mirror(self) -> None:
+        origin, oport = start_origin(self)
+        base = f"http://127.0.0.1:{oport}/"
+        origin.static("/pkg-1.0.tar.gz", WHEEL)
+        service, pport = start_proxy(self, mirrors=(Mirror("/m/", (base,)),))
+        forward = (
+            f"GET {base}pkg-1.0.tar.gz HTTP/1.1\r\nHost: 127.0.0.1:{oport}\r\n\r\n"
+        )
+        _, headers, body = parse_raw_response(
+            await raw_exchange(self, pport, forward.encode())
+        )
+        self.assertEqual((headers["x-cache"], body), (["MISS"], WHEEL))
+        self.assertNotIn("x-cache-upstream", headers)
+        await stored(service, f"{base}pkg-1.0.tar.gz")
+        mirrored = f"GET /m/pkg-1.0.tar.gz HTTP/1.1\r\nHost: 127.0.0.1:{pport}\r\n\r\n"
+        seen = []
+        for _ in range(3):
+            _, headers, body = parse_raw_response(
+                await raw_exchange(self, pport, mirrored.encode())
+            )
+            self.assertEqual(body, WHEEL)
+            seen.append((headers["x-cache"], headers.get("x-cache-upstream")))
+        self.assertEqual(seen, [(["HIT"], [base])] * 3)
+        assert service.proxy is not None and service.proxy.quick is not None
+        self.assertEqual(service.proxy.quick.answered, 2)
+        self.assertEqual(origin.count("/pkg-1.0.tar.gz"), 1)
 
     def test_fallback_on_404_and_refused(self) -> defer.Deferred[None]:
         """The first upstream answering 404 (or refusing connections) makes

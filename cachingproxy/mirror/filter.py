@@ -49,14 +49,20 @@ class MirrorFilter:
         its type; CRATES for a crates index's ``config.json``)."""
 
     def location(self, headers: list[Header]) -> list[Header]:
-        """A mirrored upstream's ``Location`` as a local URL."""
+        """A mirrored upstream's ``Location`` as a local URL, and the
+        upstream named in ``X-Cache-Upstream`` (SPEC 5) where the stored
+        head has none (an entry first cached through the forward path, under
+        the same key: the URL at the mirror's first upstream)."""
         target = self._target
         if target.match is None:
             return headers
+        label = H.get(headers, "x-cache-upstream")
+        if label is None and not target.doc_url:  # a merged page names none
+            label = target.match.mirror.upstreams[0]
+            headers = [*headers, ("X-Cache-Upstream", label)]
         location = H.get(headers, "location")
         if location is None:
             return headers
-        label = H.get(headers, "x-cache-upstream")
         base = label if label is not None else target.candidates[0][1]
         local = self._table.local_path(urljoin(base + target.match.rest, location))
         if local is None:
