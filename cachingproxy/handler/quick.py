@@ -29,10 +29,10 @@ request path.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from attrs import frozen
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.http import datetimeToString
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -45,6 +45,7 @@ from cachingproxy.front.exchange import Exchange
 from cachingproxy.front.origdst import original_destination
 from cachingproxy.front.quick import IGNORED_ON_HIT, plain_tcp
 from cachingproxy.interfaces import ICacheStore, IKnownLookups, IQuickHits
+from cachingproxy.mirror.documents import read_entry
 
 QUICK_MAX_BODY = 64 * 1024
 """Bodies up to this size are kept (a larger one goes out with sendfile)."""
@@ -164,16 +165,17 @@ class QuickHits:
         ):
             return
         key = _key(request)
-        if key is None or key in self._memo:
+        kept = None if key is None else self._memo.get(key)
+        if key is None or (kept is not None and kept.entry is entry):
             return
         dated = entry.header("date") is None
         fields = _fields(request, dated)
         if fields is None:
             return
         head = b"HTTP/1.1 200 %s\r\n%s" % (request.code_message, fields)
-        rule, collector = info.rule, _Collector()
+        rule = info.rule
 
-        def read(_: object) -> None:
+        def keep(body: bytes) -> None:
             self._keep(
                 key,
                 Prepared(
@@ -185,12 +187,12 @@ class QuickHits:
                     expected=info.expected,
                     head=head,
                     dated=dated,
-                    body=b"".join(collector.parts),
+                    body=body,
                 ),
             )
 
-        d = self._store.read(entry, collector)
-        d.addCallback(read)
+        d = Deferred.fromCoroutine(read_entry(self._store, entry, QUICK_MAX_BODY))
+        d.addCallback(keep)
         d.addErrback(lambda _: None)  # not kept: the request path serves it
 
     def clear(self) -> None:
@@ -250,23 +252,6 @@ def _fields(request: Request, dated: bool) -> bytes | None:
             continue
         lines.extend(b"%s: %s\r\n" % (name, value) for value in values)
     return b"".join(lines)
-
-
-@implementer(IConsumer)
-class _Collector:
-    """A consumer that keeps what the store writes (a small body)."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
-        pass
-
-    def unregisterProducer(self) -> None:  # noqa: N802
-        pass
-
-    def write(self, data: bytes) -> None:
-        self.parts.append(data)
 
 
 __all__ = ["QUICK_MAX_BODY", "Prepared", "QuickHits"]
