@@ -19,7 +19,8 @@ class Exchange:
 
     started: float
     cache: CacheStatus = CacheStatus.NONE
-    """The X-Cache value (``-`` for errors and the proxy's own pages)."""
+    """The cache status for the log and the statistics (``-`` for errors
+    and the proxy's own pages, whose ``X-Cache`` header says ``BYPASS``)."""
     upstream: str = "-"
     """The upstream host (for the access log)."""
     url: str = ""

@@ -42,8 +42,9 @@ from cachingproxy.fetch.upstream import DNSLookupFailed
 from cachingproxy.ops.metrics import Figures, Metrics
 
 CACHE_STATUSES = tuple(c.value for c in CacheStatus if c is not CacheStatus.TUNNEL)
-"""Every ``X-Cache`` value a request is recorded with; ``-`` is an error or
-refusal answered before any cache decision."""
+"""Every cache status a request is recorded with; ``-`` is an error or
+refusal answered before any cache decision (its ``X-Cache`` header says
+``BYPASS``)."""
 
 FROM_CACHE = frozenset(
     {CacheStatus.HIT, CacheStatus.REVALIDATED, CacheStatus.STALE, CacheStatus.OFFLINE}
@@ -193,8 +194,8 @@ class Stats:
     ) -> None:
         """One finished proxied request (not the proxy's own pages).
 
-        ``cache`` is the ``X-Cache`` value (``-`` for an error answered before
-        any cache decision), ``bytes_sent`` the body bytes written to the
+        ``cache`` is the cache status (``-`` for an error answered before
+        any cache decision, whose ``X-Cache`` header says ``BYPASS``), ``bytes_sent`` the body bytes written to the
         client, ``host`` the upstream host (``-`` or empty if none).
         """
         if cache not in self.by_cache:
