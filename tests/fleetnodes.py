@@ -89,9 +89,10 @@ class Node(ChildServer):
         return dict(json.loads(body))
 
     async def get(
-        self, test: TestCase, url: str
+        self, test: TestCase, url: str, headers: str = ""
     ) -> tuple[int, dict[str, list[str]], bytes]:
-        return await raw_get(test, self.port, url)
+        """``raw_get`` through this node (``headers``: extra CRLF-ended lines)."""
+        return await raw_get(test, self.port, url, headers)
 
 
 async def make_bucket(test: TestCase, weed: Seaweed) -> tuple[S3Client, str]:

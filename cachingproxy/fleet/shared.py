@@ -6,6 +6,8 @@ store is down, :attr:`SharedTier.available` is false and callers skip it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from twisted.web.iweb import IBodyProducer, IResponse
@@ -38,16 +40,22 @@ class SharedTier:
     def available(self) -> bool:
         return self.health.ok
 
-    async def lookup(self, url: str) -> list[StoredResponse]:
-        """Every variant of ``url`` in the shared tier ([] when unreachable)."""
+    async def lookup(
+        self, url: str, skip: Collection[str] = ()
+    ) -> list[StoredResponse]:
+        """Every variant of ``url`` in the shared tier ([] when unreachable)
+        but those in ``skip``, whose objects are listed but not read."""
         if not self.available:
             return []
+        skipped = {layout.object_key(self.prefix, url, v) for v in skip}
         try:
             listed = await self.client.list(
                 layout.variants_prefix(self.prefix, url), retries=QUICK
             )
             entries = []
             for item in listed:
+                if item.key in skipped:
+                    continue
                 entry = await self._entry(item.key)
                 if entry is not None and entry.url == url:
                     entries.append(entry)

@@ -1,9 +1,26 @@
 """Two tiers behind one ICacheStore: the node's disk first, the fleet's
 bucket second (SPEC 12).
 
-- A lookup asks the local tier; only when it has no variant of the URL does
-  it ask the shared tier, whose entries carry a ``body_ref`` naming their
-  object (``layout.shared_ref``).
+- A lookup asks the local tier; when it has no variant of the URL, it asks
+  the shared tier (one LIST of the URL's objects and a ranged GET of each
+  object's header), whose entries carry a ``body_ref`` naming their object
+  (``layout.shared_ref``).  A local entry without ``Vary`` is the whole
+  answer: hits on package files never touch the bucket.
+- When the local entries of a URL vary, the variant a client wants may be
+  only in the bucket (another node fetched it), and the lookup cannot tell:
+  ``lookup(url)`` does not see the request's headers (the cached path picks
+  the variant from what it returns).  So the lookup also returns the shared
+  entries of the variants the local tier lacks (a local copy wins), from a
+  listing of the URL remembered for :data:`LISTING_TTL` seconds; objects of
+  variants held locally are listed, never read.  A hot varying URL (an
+  index page with ``Vary: Accept``) thus costs a node at most one LIST per
+  five seconds, however many requests, instead of one per hit.  A variant
+  stored elsewhere within those seconds is missed by the lookup only: the
+  download that follows finds it in the bucket when it takes the URL's
+  lease (coordinate.py), so the origin is still spared.  A purge, here or
+  heard from the fleet (:meth:`TieredStore.purged`), and any removal of the
+  URL drop its listing at once, and a listing made while a purge of the URL
+  came in is not kept, so a purged variant is not served from memory.
 - Reading such an entry streams the object to the client and, at the same
   time, into a local writer; the copy is committed only when its length and
   sha256 match the entry's metadata, so the next request is a local hit.  A
@@ -17,34 +34,26 @@ bucket second (SPEC 12).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, task
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IConsumer, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
 from zope.interface import implementer
 
 from cachingproxy.cache.entry import StoredResponse, Usage
 from cachingproxy.errors import BodyMissing, StoreFull
 from cachingproxy.fleet import layout
+from cachingproxy.fleet.pipe import CopyPipe
 from cachingproxy.fleet.s3 import S3Error
 from cachingproxy.fleet.shared import SharedTier
 from cachingproxy.interfaces import IBodyWriter, ICacheStore, IPartialReader
 
 _log = Logger()
-
-_DONE = Failure(ResponseDone())
-
-IDLE_TIMEOUT = 30.0
-"""Seconds of silence from the store, mid-body, before a read gives up."""
 
 BACKLOG = 10_000
 """Entries remembered for upload after an outage (the oldest forgotten)."""
@@ -53,7 +62,12 @@ UPLOADS = 4
 """Uploads at a time; the others queue (each holds its lease until done)."""
 
 SEEN = 10_000
-"""URLs whose last lookup is remembered (:meth:`TieredStore.seen`)."""
+"""URLs whose last lookup is remembered (:meth:`TieredStore.seen`), and
+varying URLs whose shared listing is."""
+
+LISTING_TTL = 5.0
+"""Seconds a varying URL's shared listing is reused (see the module
+docstring)."""
 
 
 @implementer(ICacheStore)
@@ -82,6 +96,11 @@ class TieredStore:
         the fleet: a body whose writer opened before one is not kept."""
         self._seen: OrderedDict[str, float] = OrderedDict()
         """The newest ``stored_at`` the last lookup of a URL returned."""
+        self._listings: OrderedDict[str, tuple[float, list[StoredResponse]]] = (
+            OrderedDict()
+        )
+        """Varying URLs -> (when listed, the shared entries of the variants
+        the local tier lacked then)."""
 
     # -- lookups and reads ---------------------------------------------------
 
@@ -89,11 +108,31 @@ class TieredStore:
         found = await self.local.lookup(url)
         if not found:
             found = await self.shared.lookup(url)
+        elif any(e.vary for e in found):
+            found = found + await self._shared_variants(url, found)
         self._seen[url] = max((e.stored_at for e in found), default=-math.inf)
         self._seen.move_to_end(url)
         if len(self._seen) > SEEN:
             self._seen.popitem(last=False)
         return found
+
+    async def _shared_variants(
+        self, url: str, local: list[StoredResponse]
+    ) -> list[StoredResponse]:
+        """The shared entries of the variants of ``url`` that ``local`` lacks,
+        from a listing at most :data:`LISTING_TTL` old."""
+        have = {e.variant for e in local}
+        now = self._clock.seconds()
+        listed = self._listings.get(url)
+        if listed is None or listed[0] + LISTING_TTL <= now:
+            entries = await self.shared.lookup(url, skip=have)
+            if self.purged_since(url, now):
+                return []  # what was listed may be gone already
+            self._listings[url] = listed = (now, entries)
+            self._listings.move_to_end(url)
+            if len(self._listings) > SEEN:
+                self._listings.popitem(last=False)
+        return [e for e in listed[1] if e.variant not in have]
 
     def seen(self, url: str) -> float:
         """The newest ``stored_at`` among the entries the last lookup of
@@ -138,7 +177,7 @@ class TieredStore:
             self._copying.add(key)
             self._writing[entry.url] += 1
         whole = start == 0 and end == entry.size
-        pipe = _Pipe(
+        pipe = CopyPipe(
             consumer, writer, end - start, entry.digest if whole else "", self._clock
         )
         response.deliverBody(pipe)
@@ -149,10 +188,11 @@ class TieredStore:
             if writer is not None:
                 pipe.finished.addBoth(lambda ok: self._copied(entry, writer, ok, key))
 
-    def _drop_if_corrupt(self, ok: bool, pipe: _Pipe, entry: StoredResponse) -> bool:
+    def _drop_if_corrupt(self, ok: bool, pipe: CopyPipe, entry: StoredResponse) -> bool:
         """An object whose body does not match its own sha256 is deleted, so
         no node tries it again."""
         if pipe.corrupt:
+            self._listings.pop(entry.url, None)
             d = defer.Deferred.fromCoroutine(
                 self.shared.remove(entry.url, entry.variant)
             )
@@ -252,7 +292,11 @@ class TieredStore:
         of what it names commit nothing (SPEC 5's rule, across the fleet)."""
         for kind in ("url", "prefix"):
             if kind in record:
-                self._purges[(kind, str(record[kind]))] = self._clock.seconds()
+                value = str(record[kind])
+                self._purges[(kind, value)] = self._clock.seconds()
+                for url in [u for u in self._listings if u.startswith(value)]:
+                    if kind == "prefix" or url == value:
+                        del self._listings[url]
         while len(self._purges) > SEEN:
             self._purges.popitem(last=False)
 
@@ -272,6 +316,7 @@ class TieredStore:
     # -- removal -------------------------------------------------------------
 
     async def _remove(self, url: str, variant: str | None) -> int:
+        self._listings.pop(url, None)  # (a remembered shared body went missing)
         removed = await self.local.remove(url, variant)
         if variant is not None:
             # One variant goes when its body went missing here (or a purge
@@ -371,127 +416,6 @@ class _UploadingWriter:
 
     def abort(self) -> defer.Deferred[None]:
         return self._writer.abort().addBoth(self._close)
-
-
-@implementer(IPushProducer)
-class _Pipe(Protocol):
-    """An object body to a client and, at the same time, into a local writer.
-
-    ``served`` fires when the client has every byte (or errbacks:
-    ConnectionDone when it went away, BodyMissing when the object broke off);
-    ``finished`` fires with True when the whole body arrived, after which the
-    copy may be committed.  A client that goes away does not stop the copy.
-    """
-
-    def __init__(
-        self,
-        consumer: IConsumer,
-        writer: IBodyWriter | None,
-        expected: int,
-        digest: str,
-        clock: Any,
-    ) -> None:
-        self._consumer: IConsumer | None = consumer
-        self._writer = writer
-        self._expected = expected
-        self._digest = digest
-        self._held = b""
-        """The last byte of a whole body, sent only once its sha256 matched
-        (so a client never gets a corrupt object whole)."""
-        self._clock = clock
-        self._timer: Any = None
-        self._timed_out = False
-        self.corrupt = False
-        self._size = 0
-        self._sha = hashlib.sha256()
-        self.served: defer.Deferred[None] = defer.Deferred()
-        self.finished: defer.Deferred[bool] = defer.Deferred()
-
-    def connectionMade(self) -> None:  # noqa: N802
-        assert self._consumer is not None
-        self._consumer.registerProducer(self, True)
-        self._timer = self._clock.callLater(IDLE_TIMEOUT, self._idle)
-
-    def _idle(self) -> None:
-        """The store went silent mid-body: give up on it."""
-        self._timer = None
-        self._timed_out = True
-        self.transport.stopProducing()  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        if self._timer is not None:
-            self._timer.reset(IDLE_TIMEOUT)
-        self._size += len(data)
-        if self._digest:
-            self._sha.update(data)
-        if self._writer is not None:
-            try:
-                self._writer.write(data)
-            except StoreFull:
-                self._writer.abort()
-                self._writer = None
-        if self._consumer is not None:
-            if self._digest and self._size >= self._expected:
-                data, self._held = data[:-1], data[-1:]
-            if data:
-                self._consumer.write(data)
-        elif self._writer is None:
-            self.transport.stopProducing()  # type: ignore[union-attr]
-
-    def connectionLost(self, reason: Failure = _DONE) -> None:  # noqa: N802
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        complete = (
-            bool(reason.check(ResponseDone))
-            and self._size == self._expected
-            and not self._timed_out
-        )
-        verified = complete and (
-            not self._digest or self._sha.hexdigest() == self._digest
-        )
-        self.corrupt = complete and not verified
-        if self.corrupt:
-            _log.error(
-                "a shared object does not match its sha256 {digest}; not served"
-                " whole, not copied",
-                digest=self._digest,
-            )
-        if self._consumer is not None:
-            consumer, self._consumer = self._consumer, None
-            if verified and self._held:
-                consumer.write(self._held)
-            consumer.unregisterProducer()
-            if verified:
-                self.served.callback(None)
-            else:
-                self.served.errback(
-                    BodyMissing(f"shared object broke off after {self._size} bytes")
-                )
-        self.finished.callback(
-            verified and bool(self._digest) and self._writer is not None
-        )
-
-    # IPushProducer, for the client
-    def pauseProducing(self) -> None:  # noqa: N802
-        if self._consumer is not None and self.transport is not None:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        if self.transport is not None:
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
-
-    def stopProducing(self) -> None:  # noqa: N802
-        """The client went away: keep copying (at full speed) if there is a
-        copy, else stop reading."""
-        consumer, self._consumer = self._consumer, None
-        if consumer is None:
-            return
-        self.served.errback(ConnectionDone("the consumer stopped reading"))
-        if self._writer is None:
-            self.transport.stopProducing()  # type: ignore[union-attr]
-        else:
-            self.transport.resumeProducing()  # type: ignore[union-attr]
 
 
 __all__ = ["TieredStore"]
