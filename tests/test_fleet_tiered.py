@@ -207,3 +207,41 @@ class TieredStoreTests(TestCase):
             for o in await one.shared.client.list(prefix + "objects/")
         ]
         self.assertEqual(left, [urls[2]])
+
+    def test_prefix_purge_finds_long_urls(self) -> defer.Deferred[None]:
+        """URLs too long for a key (kept as the start of their encoding and
+        their hash) are found by lookups and by prefix purges, also by a
+        prefix longer than what their key keeps."""
+        return defer.Deferred.fromCoroutine(self._long())
+
+    async def _long(self) -> None:
+        prefix = f"t{os.urandom(6).hex()}/"
+        one, two = await self._node(prefix), await self._node(prefix)
+        base = "https://files.example/packages/"
+        first = base + "a" * 800 + "/one.tar.gz"
+        second = base + "a" * 690 + "b" * 200 + "/two.tar.gz"
+        third = base + "c" * 900 + "/three.tar.gz"
+        other = "https://files.example/other/" + "d" * 900
+        middling = base + "m" * 250  # over 255 bytes with its variant hash
+        for url in (first, second, third, other, middling):
+            writer = await one.open_writer(url)
+            writer.write(url.encode())
+            await writer.commit(make_entry(url))
+            await one.settled(url)
+        for url in (first, middling):
+            [found] = await two.lookup(url)
+            self.assertEqual(found.url, url)
+            self.assertIsNotNone(layout.parse_shared_ref(found.body_ref))
+
+        async def shared() -> list[str]:
+            urls = []
+            for o in await one.shared.client.list(prefix + "objects/"):
+                head = await one.shared.client.get_bytes(o.key, 0, layout.HEADER_PROBE)
+                urls.append(layout.decode_header(head, o.key).url)
+            return sorted(urls)
+
+        # A prefix longer than the start of the URLs their keys keep.
+        self.assertEqual(await one.remove_prefix(base + "a" * 700), 1)
+        self.assertEqual(await shared(), sorted([second, third, other, middling]))
+        self.assertEqual(await one.remove_prefix(base), 3)
+        self.assertEqual(await shared(), [other])

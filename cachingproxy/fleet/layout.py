@@ -7,7 +7,12 @@ written into one object.
   entry is written by one conditional ``PUT`` (or one completed multipart
   upload) and can never be seen half: the first writer wins.  Keys keep the
   URL readable, so an operator can find an object and ``DELETE
-  /cache?prefix=`` can list them; a URL too long for a key is hashed instead.
+  /cache?prefix=`` can list them.  A URL too long for a key (over 222
+  encoded characters: SeaweedFS and MinIO refuse a key component over 255
+  bytes) keeps the first 189 characters of its encoding, then ``*`` and 32
+  hex digits of its sha256 (``*`` is encoded in URLs, so never ambiguous):
+  a prefix purge lists those too, and reads the URL in the header of each
+  object a longer prefix cannot tell apart (:func:`long_keys`).
 - ``leases/<sha256 of the URL>``: who is downloading a URL now (see lease.py).
 - ``purges/<time>-<node>-<random>``: the purge log the nodes poll (purge.py).
 """
@@ -26,12 +31,21 @@ from cachingproxy.cache.entry import StoredResponse
 MAGIC = b"cachingproxy-entry 1 "
 HEADER_PROBE = 16 * 1024
 """Bytes read from the start of an object to get its metadata in one request."""
-_MAX_KEY_URL = 700
 _SAFE = ""
 """Everything but letters, digits and ``_.-~`` is percent-encoded: keys stay
 flat (no ``//``, which some stores fold) and sort like the URLs."""
 _VARIANT = "!"
 """Between a URL and its variant hash (encoded in URLs, so never ambiguous)."""
+_HASH = 32
+"""Hex digits of a sha256 in a key (a variant's, a long URL's)."""
+_MAX_KEY_URL = 255 - len(_VARIANT) - _HASH
+"""The longest URL part of a key: SeaweedFS and MinIO keep keys as paths
+and refuse a component (the part after the last ``/``, here the URL part
+and the variant) over 255 bytes."""
+_HASHED = "*"
+"""Between the kept start of a long URL's encoding and the URL's hash."""
+_KEPT = _MAX_KEY_URL - len(_HASHED) - _HASH
+"""Encoded characters of a long URL kept in its key."""
 
 
 @frozen
@@ -66,9 +80,12 @@ def _hash(text: str) -> str:
 
 
 def url_part(url: str) -> str:
-    """The key component naming ``url``: percent-encoded, or hashed when long."""
+    """The key component naming ``url``: percent-encoded, or when that is
+    long its first :data:`_KEPT` characters, ``*`` and the URL's sha256."""
     quoted = quote(url, safe=_SAFE)
-    return quoted if len(quoted) <= _MAX_KEY_URL else "long-" + _hash(url)
+    if len(quoted) <= _MAX_KEY_URL:
+        return quoted
+    return quoted[:_KEPT] + _HASHED + _hash(url)[:_HASH]
 
 
 def variants_prefix(prefix: str, url: str) -> str:
@@ -77,12 +94,24 @@ def variants_prefix(prefix: str, url: str) -> str:
 
 
 def object_key(prefix: str, url: str, variant: str) -> str:
-    return variants_prefix(prefix, url) + _hash(variant)[:32]
+    return variants_prefix(prefix, url) + _hash(variant)[:_HASH]
 
 
 def url_prefix_key(prefix: str, url_prefix: str) -> str:
-    """The key prefix of the objects of every URL starting with ``url_prefix``."""
+    """The key prefix of the objects of every URL starting with ``url_prefix``
+    (but long URLs when :func:`long_keys` says more)."""
     return f"{prefix}objects/{quote(url_prefix, safe=_SAFE)}"
+
+
+def long_keys(prefix: str, url_prefix: str) -> str | None:
+    """The key prefix of the objects of long URLs that may start with
+    ``url_prefix`` without :func:`url_prefix_key` finding them (their keys
+    keep less of their URL than ``url_prefix`` is long): only the URL in
+    each one's header tells.  None when there are none such."""
+    quoted = quote(url_prefix, safe=_SAFE)
+    if len(quoted) <= _KEPT:
+        return None
+    return f"{prefix}objects/{quoted[:_KEPT]}{_HASHED}"
 
 
 def lease_key(prefix: str, url: str) -> str:
@@ -175,6 +204,7 @@ __all__ = [
     "encode_header",
     "header_length",
     "lease_key",
+    "long_keys",
     "object_key",
     "parse_location",
     "parse_shared_ref",

@@ -145,9 +145,16 @@ class SharedTier:
     async def remove_prefix(self, url_prefix: str) -> int:
         """Delete the objects of every URL starting with ``url_prefix``."""
         listed = await self.client.list(layout.url_prefix_key(self.prefix, url_prefix))
-        for item in listed:
-            await self.client.delete(item.key)
-        return len(listed)
+        keys = [item.key for item in listed]
+        maybe = layout.long_keys(self.prefix, url_prefix)
+        if maybe is not None:
+            for item in await self.client.list(maybe):
+                entry = await self._entry(item.key)
+                if entry is not None and entry.url.startswith(url_prefix):
+                    keys.append(item.key)
+        for key in keys:
+            await self.client.delete(key)
+        return len(keys)
 
 
 @implementer(IBodyProducer, IConsumer)
