@@ -14,8 +14,16 @@ from typing import TYPE_CHECKING, Any
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from twisted.internet.defer import Deferred
-    from twisted.internet.interfaces import IConsumer, IProtocol, IProtocolFactory
+    from twisted.internet.interfaces import (
+        IConsumer,
+        IProtocol,
+        IProtocolFactory,
+        IPushProducer,
+    )
+    from twisted.python.failure import Failure
     from twisted.web.http_headers import Headers
     from twisted.web.iweb import IBodyProducer, IResponse
 
@@ -228,6 +236,79 @@ class IDocumentFilter(Interface):
         """
 
 
+class IDownload(Interface):
+    """A download in flight that clients follow, as the code that holds one
+    sees it (the sharing of downloads, the plans and the sender, the mirror's
+    documents, the status page, a fleet peer): one this process runs
+    (:class:`cachingproxy.fetch.download.Download`) or one another worker
+    runs, followed here (:class:`cachingproxy.workers.remote.RemoteDownload`).
+    """
+
+    url = Attribute("str: the normalised URL (the cache key) downloaded.")
+    vary = Attribute("tuple[str, ...]: the response's Vary field names.")
+    variant = Attribute("str: the variant the response is stored as.")
+    total = Attribute("int | None: the body's announced length, if any.")
+    started_at = Attribute("float: when the download started (clock seconds).")
+    body_complete = Attribute("bool: every byte of the body has arrived.")
+    failure = Attribute("Failure | None: why the download broke off.")
+    entry = Attribute(
+        "StoredResponse | None: the entry the download stored or refreshed "
+        "here, once committed (never for one followed in another worker)."
+    )
+    purged = Attribute("bool: purged while running; it leaves nothing stored.")
+    spilled = Attribute(
+        "bool: the store refused part of the body; only the clients already "
+        "following get it, nobody may join."
+    )
+    bytes_written = Attribute("int: body bytes received so far.")
+    clients = Attribute("int: the clients following the body now.")
+
+    def wait() -> Deferred[Any]:
+        """
+        Fires with the :class:`cachingproxy.fetch.outcomes.Outcome` (typed
+        ``Any`` here: this module stays below :mod:`cachingproxy.fetch`) once
+        the head is in.  Whether a given client may use it is the sharing
+        code's decision.
+        """
+
+    def finished() -> Deferred[None]:
+        """Fires once the download is over (stored, dropped or failed)."""
+
+    def head_entry() -> StoredResponse | None:
+        """The entry the response would make if stored now (None before a
+        storable head): what a client that wants to join is checked against."""
+
+    def take_passthrough() -> bool:
+        """Claim an unstorable response for one client (the first to ask)."""
+
+    def purge_waiting() -> Deferred[None] | None:
+        """
+        Make sure the download leaves no entry behind (admin purge).  When
+        its body is complete and its commit may be under way, the Deferred
+        returned fires once it is over, and the caller then removes what was
+        stored; None otherwise.
+        """
+
+    def open_reader() -> IPartialReader:
+        """A reader of the body bytes, for :meth:`read`."""
+
+    def read(reader: IPartialReader, offset: int, length: int) -> bytes:
+        """Up to ``length`` body bytes at ``offset``, through ``reader``."""
+
+    def follow(
+        consumer: IConsumer,
+        on_finish: Callable[[Failure | None], None],
+        start: int = 0,
+        end: int | None = None,
+    ) -> IPushProducer:
+        """
+        Attach a client that reads the body ``[start, end)`` into
+        ``consumer`` as it arrives, at its own pace; ``on_finish`` is called
+        with None at the end or with the failure that cut it off.  Returns
+        the producer that feeds it (stop it when the client goes away).
+        """
+
+
 class IFleet(Interface):
     """The node's part in a fleet sharing one cache (SPEC 12).
 
@@ -275,6 +356,7 @@ __all__ = [
     "IBodyWriter",
     "ICacheStore",
     "IDocumentFilter",
+    "IDownload",
     "IFleet",
     "IKnownLookups",
     "IPartialReader",

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
+from zope.interface import implementer
 
 from cachingproxy.cache import headers as H
 from cachingproxy.cache import policy, variants
@@ -26,11 +27,7 @@ from cachingproxy.cache.age import corrected_age
 from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.pump import CHUNK_SIZE, Pump
 from cachingproxy.config import FetchSettings, Rule
-from cachingproxy.errors import (
-    BodyMissing,
-    DestinationRefused,
-    StoreFull,
-)
+from cachingproxy.errors import BodyMissing, DestinationRefused, StoreFull
 from cachingproxy.fetch.outcomes import Discard, Outcome, OutcomeKind, body_failure
 from cachingproxy.fetch.receiver import BodyReceiver, Reading
 from cachingproxy.fetch.spill import Spill
@@ -38,6 +35,7 @@ from cachingproxy.fetch.upstream import headers_from_pairs, pairs_from_headers
 from cachingproxy.interfaces import (
     IBodyWriter,
     ICacheStore,
+    IDownload,
     IPartialReader,
     IUpstream,
 )
@@ -50,6 +48,7 @@ CHUNK = CHUNK_SIZE
 """Bytes per read of a download's body."""
 
 
+@implementer(IDownload)
 class Download:
     """One upstream GET of ``url``, shared by every client that wants it."""
 

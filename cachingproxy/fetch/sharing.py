@@ -17,6 +17,7 @@ from cachingproxy.cache import policy
 from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.fetch.download import Download
 from cachingproxy.fetch.outcomes import Outcome, OutcomeKind
+from cachingproxy.interfaces import IDownload
 
 _RETRY = Outcome(OutcomeKind.RETRY)
 
@@ -35,7 +36,7 @@ class PassingThrough:
         self.bytes_written += n
 
 
-def _reusable(download: Download, outcome: Outcome, may_reuse: Reusable) -> Outcome:
+def _reusable(download: IDownload, outcome: Outcome, may_reuse: Reusable) -> Outcome:
     """``outcome`` for a client joining ``download``, or RETRY when the
     client may not reuse the response it brings (SPEC 5)."""
     if outcome.kind is OutcomeKind.STREAM:
@@ -50,7 +51,7 @@ def _reusable(download: Download, outcome: Outcome, may_reuse: Reusable) -> Outc
 
 
 def usable(
-    download: Download, outcome: Outcome, client_headers: list[Header]
+    download: IDownload, outcome: Outcome, client_headers: list[Header]
 ) -> Outcome:
     """What ``outcome`` of ``download`` means for a client with these
     headers: the outcome itself, or RETRY when the client must fetch alone."""
@@ -84,14 +85,14 @@ class Across(Protocol):
         self,
         url: str,
         new: Callable[[], Download],
-        on_done: Callable[[Download], None],
-    ) -> Download:
+        on_done: Callable[[IDownload], None],
+    ) -> IDownload:
         """``new()`` (a started download), or one another worker runs."""
 
     def mark_purged(self, matches: Callable[[str], bool]) -> None:
         """Downloads in other workers whose URL ``matches`` store nothing."""
 
-    def running(self, url: str) -> Download | None:
+    def running(self, url: str) -> IDownload | None:
         """The download of ``url`` another worker runs now, followed here;
         None when none runs (never starts one: for a fleet peer, SPEC 12)."""
 
@@ -107,12 +108,12 @@ class Downloads:
     def __init__(self) -> None:
         self.across: Across | None = None
         """Set in a worker process: downloads are shared with the others."""
-        self.in_flight: dict[str, Download] = {}
+        self.in_flight: dict[str, IDownload] = {}
         self.passing: set[PassingThrough] = set()
-        self._variants: dict[tuple[str, str], Download] = {}
+        self._variants: dict[tuple[str, str], IDownload] = {}
         """Downloads of other variants of a URL, by (url, variant under the
         Vary of the URL's first download), so their clients share them too."""
-        self._running: set[Download] = set()
+        self._running: set[IDownload] = set()
         """Every download until it is over, joinable or not (for purges)."""
         self._purges: list[tuple[Callable[[str], bool], defer.Deferred[None]]] = []
         """Purges under way: the keys they mark, and when they are over."""
@@ -125,7 +126,7 @@ class Downloads:
         may_reuse: Reusable,
         *,
         handover: bool = True,
-    ) -> tuple[Download, Outcome] | None:
+    ) -> tuple[IDownload, Outcome] | None:
         """The download a client follows and what it means for it.
 
         The client joins the download in flight for ``url`` when it may use
@@ -198,7 +199,7 @@ class Downloads:
             over.callback(None)
 
     def wait(
-        self, download: Download, client_headers: Iterable[Header]
+        self, download: IDownload, client_headers: Iterable[Header]
     ) -> defer.Deferred[Outcome]:
         """Fires with what ``download`` means for a client with these headers."""
         items = list(client_headers)
@@ -206,7 +207,7 @@ class Downloads:
             lambda outcome: usable(download, outcome, items)
         )
 
-    def _start_shared(self, url: str, new: Callable[[], Download]) -> Download:
+    def _start_shared(self, url: str, new: Callable[[], Download]) -> IDownload:
         """A download for every client of ``url``: a new one, or in a worker
         process possibly the one another worker runs."""
         if self.across is None:
@@ -227,34 +228,38 @@ class Downloads:
         download.start()
         return download
 
-    def get(self, url: str) -> Download | None:
+    def get(self, url: str) -> IDownload | None:
         return self.in_flight.get(url)
 
-    def all(self) -> list[Download | PassingThrough]:
+    def all(self) -> list[IDownload | PassingThrough]:
         """Every download in flight: shared by URL or by variant, and the
         responses streaming through unstored."""
         shared = [*self.in_flight.values(), *self._variants.values()]
-        unique: list[Download | PassingThrough] = list(
+        unique: list[IDownload | PassingThrough] = list(
             {id(d): d for d in shared}.values()
         )
         return unique + list(self.passing)
 
-    def matching(self, predicate: Callable[[str], bool]) -> list[Download]:
+    def matching(self, predicate: Callable[[str], bool]) -> list[IDownload]:
         """The shared downloads in flight whose URL satisfies ``predicate``."""
-        return [d for d in self.all() if isinstance(d, Download) and predicate(d.url)]
+        return [
+            d
+            for d in self.all()
+            if not isinstance(d, PassingThrough) and predicate(d.url)
+        ]
 
-    def add(self, download: Download) -> None:
+    def add(self, download: IDownload) -> None:
         self.in_flight[download.url] = download
         self._running.add(download)
 
-    def get_variant(self, url: str, variant: str) -> Download | None:
+    def get_variant(self, url: str, variant: str) -> IDownload | None:
         return self._variants.get((url, variant))
 
-    def add_variant(self, download: Download, variant: str) -> None:
+    def add_variant(self, download: IDownload, variant: str) -> None:
         self._variants[(download.url, variant)] = download
         self._running.add(download)
 
-    def remove(self, download: Download) -> None:
+    def remove(self, download: IDownload) -> None:
         self._running.discard(download)
         if self.in_flight.get(download.url) is download:
             del self.in_flight[download.url]

@@ -26,10 +26,10 @@ from twisted.web.server import Request
 from cachingproxy.cache import headers as H
 from cachingproxy.cache import policy
 from cachingproxy.cache.entry import Header, StoredResponse
-from cachingproxy.fetch.download import Download
 from cachingproxy.fetch.outcomes import Discard, OutcomeKind
 from cachingproxy.fetch.upstream import headers_from_pairs, pairs_from_headers
 from cachingproxy.front.responses import abort, send_error
+from cachingproxy.interfaces import IDownload
 
 if TYPE_CHECKING:
     from cachingproxy.proxy import Proxy
@@ -109,7 +109,7 @@ class Endpoint:
     async def _follow(
         self,
         request: Request,
-        download: Download,
+        download: IDownload,
         status: int,
         headers: tuple[Header, ...],
     ) -> None:

@@ -33,7 +33,7 @@ from cachingproxy.handler.plan import (
     Plan,
     ServeEntry,
 )
-from cachingproxy.interfaces import ICacheStore, IUpstream
+from cachingproxy.interfaces import ICacheStore, IDownload, IUpstream
 from cachingproxy.mirror import verify
 from cachingproxy.mirror.mirrors import Target
 from cachingproxy.mirror.rewrite import Digest
@@ -170,7 +170,7 @@ class CachedPath:
         url: str,
         rule: Rule,
         entry: StoredResponse | None,
-        download: Download,
+        download: IDownload,
         outcome: Outcome,
     ) -> Plan:
         """What a download's outcome means for the client (``entry``: the

@@ -8,7 +8,7 @@ from twisted.web.iweb import IResponse
 
 from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.status import CacheStatus
-from cachingproxy.fetch.download import Download
+from cachingproxy.interfaces import IDownload
 
 
 @frozen
@@ -23,7 +23,7 @@ class ServeEntry:
 class FollowDownload:
     """Follow a download whose head has arrived (``status``, ``headers``)."""
 
-    download: Download
+    download: IDownload
     status: int
     phrase: str
     headers: tuple[Header, ...]

@@ -16,7 +16,6 @@ from zope.interface import implementer
 from cachingproxy.cache.entry import Header, StoredResponse
 from cachingproxy.cache.pump import CHUNK_SIZE
 from cachingproxy.cache.status import CacheStatus
-from cachingproxy.fetch.download import Download
 from cachingproxy.handler.plan import (
     FollowDownload,
     PassResponse,
@@ -24,7 +23,7 @@ from cachingproxy.handler.plan import (
     ServeBody,
     ServeEntry,
 )
-from cachingproxy.interfaces import ICacheStore, IPartialReader
+from cachingproxy.interfaces import ICacheStore, IDownload, IPartialReader
 
 
 class TooBig(Exception):
@@ -66,7 +65,7 @@ async def read_entry(store: ICacheStore, entry: StoredResponse, limit: int) -> b
 
 
 async def read_download(
-    download: Download, reader: IPartialReader, limit: int
+    download: IDownload, reader: IPartialReader, limit: int
 ) -> bytes:
     """The whole body of ``download`` once it is over (``reader`` was opened
     while it ran).  @raise TooBig; the download's failure if it failed."""

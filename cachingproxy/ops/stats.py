@@ -85,7 +85,7 @@ class UsageLike(Protocol):
 
 
 class InFlightLike(Protocol):
-    """A download in flight, as :class:`cachingproxy.fetch.download.Download` is."""
+    """A download in flight, as :class:`cachingproxy.interfaces.IDownload` is."""
 
     @property
     def url(self) -> str: ...

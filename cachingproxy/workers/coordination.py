@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from cachingproxy.fetch.download import Download
 from cachingproxy.fetch.outcomes import Outcome, OutcomeKind
+from cachingproxy.interfaces import IDownload
 from cachingproxy.workers.claims import (
     DONE,
     FAILED,
@@ -72,8 +73,8 @@ class SharedDownloads:
         self,
         url: str,
         new: Callable[[], Download],
-        on_done: Callable[[Download], None],
-    ) -> Download:
+        on_done: Callable[[IDownload], None],
+    ) -> IDownload:
         """The download this worker's clients of ``url`` follow: ``new()``
         (which starts it) under this worker's claim, or one following the
         worker that holds it."""
@@ -109,9 +110,9 @@ class SharedDownloads:
         self,
         url: str,
         new: Callable[[], Download],
-        on_done: Callable[[Download], None],
+        on_done: Callable[[IDownload], None],
         ignore: str | None,
-    ) -> Download:
+    ) -> RemoteDownload:
         def take_over(claim: Claim) -> None:
             self.own(claim, new())
 
@@ -174,7 +175,7 @@ class SharedDownloads:
             lambda f: _log.failure("releasing {url}", f, url=download.url)
         )
 
-    def running(self, url: str) -> Download | None:
+    def running(self, url: str) -> RemoteDownload | None:
         """The download of ``url`` another worker runs now, followed here;
         None when none runs.  Never starts one: if the owner dies, the
         follower fails (its reader, a fleet peer, asks again)."""

@@ -31,9 +31,8 @@ from cachingproxy.cache.age import corrected_age
 from cachingproxy.cache.entry import StoredResponse
 from cachingproxy.cache.pump import Pump
 from cachingproxy.errors import BodyMissing
-from cachingproxy.fetch.download import Download
 from cachingproxy.fetch.outcomes import Outcome, OutcomeKind
-from cachingproxy.interfaces import IBodySource, IPartialReader
+from cachingproxy.interfaces import IBodySource, IDownload, IPartialReader
 from cachingproxy.workers.claims import (
     DONE,
     FETCHING,
@@ -103,13 +102,9 @@ class _Following:
         self._download._followings.discard(self)
 
 
-class RemoteDownload(Download):
-    """A download of ``url`` that another worker runs, followed here.
-
-    A subclass only so that the sharing code, typed for ``Download``, can
-    hold it: ``Download.__init__`` is not called and every public member is
-    overridden.
-    """
+@implementer(IDownload)
+class RemoteDownload:
+    """A download of ``url`` that another worker runs, followed here."""
 
     def __init__(
         self,
@@ -119,21 +114,19 @@ class RemoteDownload(Download):
         cache_dir: str,
         clock: IReactorTime,
         take_over: Callable[[Claim], None],
-        on_done: Callable[[Download], None] = lambda d: None,
+        on_done: Callable[[IDownload], None] = lambda d: None,
         ignore: str | None = None,
     ) -> None:
         """``ignore``: the id of a state already over when this worker found
         the claim taken (the new owner has not published yet)."""
         self.url = url
-        self.upstream_label = ""
-        self.stale = None
         self.purged = False
         self.vary: tuple[str, ...] = ()
         self.variant = ""
         self.total: int | None = None
         self.body_complete = False
         self.failure: Failure | None = None
-        self.entry = None
+        self.entry: StoredResponse | None = None
         self.started_at = clock.seconds()
         self._claims = claims
         self._tmp = os.path.join(cache_dir, "tmp")
@@ -157,7 +150,7 @@ class RemoteDownload(Download):
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = clock
 
-    # -- Download's surface ----------------------------------------------------
+    # -- IDownload --------------------------------------------------------------
 
     def start(self) -> None:
         """Start following (nothing is sent upstream)."""
@@ -230,6 +223,13 @@ class RemoteDownload(Download):
     def purge(self) -> None:
         self.purged = True
         self._claims.mark_purged(lambda url: url == self.url)
+
+    def purge_waiting(self) -> defer.Deferred[None] | None:
+        """Purge; when the owner has the whole body (its commit may be under
+        way there), the Deferred returned fires once this follower is over."""
+        complete = self.body_complete and self.failure is None
+        self.purge()
+        return self.finished() if complete else None
 
     def read(self, reader: IPartialReader, offset: int, length: int) -> bytes:
         return reader.read(offset, length)
