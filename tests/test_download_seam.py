@@ -141,3 +141,27 @@ class DownloadSeamTests(TestCase):
         self.assertIsNone(self.successResultOf(waiting))
         self.assertIsNone(self.downloads.get(URL))
         self.clock.advance(KEEP_OPEN)
+
+    def test_remote_download_over_at_once_is_not_left_in_flight(self) -> None:
+        """A download another worker has all but finished (its whole body is
+        in the file already) ends while it is being started here: it is not
+        listed in flight afterwards (``/status.json`` ``in_flight``)."""
+        claim = self.other_worker.acquire(URL)
+        assert claim is not None
+        claim.publish(
+            state=STREAM,
+            status=200,
+            headers=(("Cache-Control", "max-age=60"), ("Content-Length", "3")),
+            total=3,
+            body=BODY_FILE,
+        )
+        with open(os.path.join(self.cache_dir, "tmp", BODY_FILE), "wb") as f:
+            f.write(b"abc")
+        found = self.obtain()
+        assert found is not None
+        download, _ = found
+        self.assertIsInstance(download, RemoteDownload)
+        self.assertTrue(download.body_complete)
+        self.assertIsNone(self.successResultOf(download.finished()))
+        self.assertEqual(self.downloads.all(), [])
+        self.assertEqual(self.downloads.matching(lambda u: True), [])

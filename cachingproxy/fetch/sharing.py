@@ -216,7 +216,9 @@ class Downloads:
             url, lambda: self._start(new(), shared=True), self.remove
         )
         current = self.get(url)
-        if current is None or current.purged:
+        # A download another worker has (all but) finished may be over
+        # already: its on_done ran before it could be listed here.
+        if (current is None or current.purged) and not download.finished().called:
             self.add(download)
         return download
 
