@@ -345,9 +345,10 @@ class IQuickHits(Interface):
 
     def answer(
         target: bytes, host: bytes, client: str | None, local: tuple[str, int]
-    ) -> bytes | None:
-        """The whole response (head and body) to ``GET target`` with
-        ``Host: host`` from ``client`` on the ``local`` address and port,
+    ) -> tuple[bytes, bytes] | None:
+        """The response's head (an ``HTTP/1.1`` status line and its fields,
+        each ending in CRLF, without ``Connection``) and body for ``GET
+        target`` with ``Host: host`` from ``client`` on the ``local`` address and port,
         logged and counted as the request path would; None: let the request
         path serve it."""
 

@@ -16,7 +16,7 @@ from zope.interface import directlyProvides
 from cachingproxy.cache.entry import StoredResponse
 from cachingproxy.cache.store.disk import DiskStore
 from cachingproxy.config import Rule
-from cachingproxy.front.quick import simple_get
+from cachingproxy.front.quick import SimpleGet, framed, simple_get
 from cachingproxy.handler.quick import Prepared, QuickHits
 from cachingproxy.interfaces import ICacheStore, IKnownLookups
 from tests.support import (
@@ -36,8 +36,9 @@ BODY = os.urandom(20_000)
 PLAIN = "Host: {host}\r\nUser-Agent: pip/24\r\nAccept: */*\r\nAccept-Encoding: gzip\r\n"
 
 
-def head(target: str, host: str, extra: str = "") -> bytes:
-    return (f"GET {target} HTTP/1.1\r\n{PLAIN.format(host=host)}{extra}\r\n").encode()
+def head(target: str, host: str, extra: str = "", version: str = "1.1") -> bytes:
+    fields = PLAIN.format(host=host)
+    return f"GET {target} HTTP/{version}\r\n{fields}{extra}\r\n".encode()
 
 
 class SimpleGetTests(SynchronousTestCase):
@@ -47,20 +48,61 @@ class SimpleGetTests(SynchronousTestCase):
     def test_plain_heads(self) -> None:
         self.assertEqual(
             simple_get(head("/pypi/x.whl", "cache:3128")),
-            (b"/pypi/x.whl", b"cache:3128"),
+            SimpleGet(b"/pypi/x.whl", b"cache:3128", b"HTTP/1.1", True),
         )
         self.assertEqual(
             simple_get(head("http://example.org/a?b=c", "example.org")),
-            (b"http://example.org/a?b=c", b"example.org"),
+            SimpleGet(b"http://example.org/a?b=c", b"example.org", b"HTTP/1.1", True),
         )
-        keep = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Keep-Alive\r\n\r\n"
-        self.assertEqual(simple_get(keep), (b"/", b"h"))
+        heads = {
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Keep-Alive\r\n\r\n": (
+                b"HTTP/1.1",
+                True,
+            ),
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n": (
+                b"HTTP/1.1",
+                False,
+            ),
+            b"GET / HTTP/1.0\r\nHost: h\r\n\r\n": (b"HTTP/1.0", False),
+            b"GET / HTTP/1.0\r\nHost: h\r\nConnection: Keep-Alive\r\n\r\n": (
+                b"HTTP/1.0",
+                True,
+            ),
+            b"GET / HTTP/1.0\r\nHost: h\r\nConnection: close\r\n\r\n": (
+                b"HTTP/1.0",
+                False,
+            ),
+        }
+        for data, (version, keep) in heads.items():
+            self.assertEqual(simple_get(data), SimpleGet(b"/", b"h", version, keep))
+
+    def test_framed(self) -> None:
+        """The answer in the request's version, saying whether the
+        connection stays open."""
+        head_ = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n"
+
+        def framed_for(version: bytes, keep: bool) -> bytes:
+            return framed(head_, b"x", SimpleGet(b"/", b"h", version, keep))
+
+        self.assertEqual(framed_for(b"HTTP/1.1", True), head_ + b"\r\nx")
+        self.assertEqual(
+            framed_for(b"HTTP/1.1", False), head_ + b"Connection: close\r\n\r\nx"
+        )
+        self.assertEqual(
+            framed_for(b"HTTP/1.0", True),
+            b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\nConnection: keep-alive\r\n\r\nx",
+        )
+        self.assertEqual(
+            framed_for(b"HTTP/1.0", False),
+            b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx",
+        )
 
     def test_everything_else_goes_to_the_full_parser(self) -> None:
         refused = [
             b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: h\r\n\r\n",
-            b"GET / HTTP/1.0\r\nHost: h\r\n\r\n",
+            b"GET / HTTP/1.2\r\nHost: h\r\n\r\n",
+            b"GET / HTTP/0.9\r\nHost: h\r\n\r\n",
             b"GET / HTTP/1.1\r\n\r\n",  # no Host
             b"GET / HTTP/1.1\r\nHost: h\r\nHost: i\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: \r\n\r\n",
@@ -72,7 +114,9 @@ class SimpleGetTests(SynchronousTestCase):
             b"GET / HTTP/1.1\r\nHost: h\r\nProxy-Authorization: Basic eA==\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, TE\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\nConnection: close\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: h\r\nAccept: a\r\n b\r\n\r\n",  # obs-fold
             b"GET / HTTP/1.1\r\nHost : h\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: h\nAccept: a\r\n\r\n",  # bare LF
@@ -149,14 +193,14 @@ class AnswerTests(SynchronousTestCase):
             ),
         )
 
-    def answer(self) -> bytes | None:
+    def answer(self) -> tuple[bytes, bytes] | None:
         return self.quick.answer(b"/f", b"o", "127.0.0.1", ("127.0.0.1", 80))
 
     def test_answer_with_age(self) -> None:
         self.clock.advance(7)
         self.assertEqual(
             self.answer(),
-            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nAge: 12\r\n\r\nabc",
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nAge: 12\r\n", b"abc"),
         )
         self.assertEqual(self.records, [("127.0.0.1", 1007)])
         self.assertEqual(self.store.touched, 1)
@@ -340,6 +384,51 @@ class RepeatHitTests(TestCase):
             self.assertEqual((headers["x-cache"], body), (["MISS"], BODY))
             self.assertEqual(self.quick.answered, 2)
             self.assertEqual(self.origin.count("/f.dat"), 3)
+
+        return run(scenario())
+
+    def test_http10_and_connection_close(self) -> defer.Deferred[None]:
+        """A client that closes (``Connection: close``, HTTP/1.0) gets the
+        answer from memory in its version, told so, and the connection
+        closed; an HTTP/1.0 keep-alive client keeps its connection."""
+
+        async def once(data: bytes) -> tuple[bytes, int, dict[str, list[str]], bytes]:
+            client = await raw_connect(self, self.port, data)
+            await client.lost
+            raw = bytes(client.received)
+            return (raw, *parse_raw_response(raw))
+
+        async def scenario() -> None:
+            talk = await Conversation.open(self, self.port)
+            await self.warm(talk)
+            for extra, version in (("Connection: close\r\n", "1.1"), ("", "1.0")):
+                raw, status, headers, body = await once(
+                    head(self.url, self.host, extra, version)
+                )
+                self.assertTrue(raw.startswith(f"HTTP/{version} 200 ".encode()))
+                self.assertEqual((status, body), (200, BODY))
+                self.assertEqual(headers["connection"], ["close"])
+                self.assertEqual(headers["x-cache"], ["HIT"])
+            self.assertEqual(self.quick.answered, 2)
+            keep = await Conversation.open(self, self.port)
+            for _ in range(2):
+                status, headers, body = await keep.get(
+                    head(self.url, self.host, "Connection: keep-alive\r\n", "1.0")
+                )
+                self.assertEqual((status, body), (200, BODY))
+                self.assertEqual(headers["connection"], ["keep-alive"])
+            self.assertFalse(keep.client.closed)
+            self.assertEqual(self.quick.answered, 4)
+            # The request path tells a closing client so as well.
+            self.quick.clear()
+            _, status, headers, body = await once(
+                head(self.url, self.host, "Connection: close\r\n")
+            )
+            self.assertEqual(
+                (status, body, headers["connection"]), (200, BODY, ["close"])
+            )
+            self.assertEqual(self.quick.answered, 4)
+            self.assertEqual(self.origin.count("/f.dat"), 1)
 
         return run(scenario())
 

@@ -28,7 +28,7 @@ from cachingproxy.front.limits import (
     held_back,
 )
 from cachingproxy.front.origdst import original_destination
-from cachingproxy.front.quick import plain_tcp, send_now, simple_get
+from cachingproxy.front.quick import framed, plain_tcp, send_now, simple_get
 from cachingproxy.front.streaming import StreamedRequest, StreamingChannel
 from cachingproxy.interfaces import IQuickHits
 
@@ -190,8 +190,8 @@ class Channel(StreamingChannel):
             return False
         peer, local = self.getPeer(), self.getHost()
         reply = quick.answer(
-            found[0],
-            found[1],
+            found.target,
+            found.host,
             getattr(peer, "host", None),
             (getattr(local, "host", ""), getattr(local, "port", 0)),
         )
@@ -199,7 +199,10 @@ class Channel(StreamingChannel):
             return False
         self.resetTimeout()
         self._stop_head_timer()
-        send_now(self.transport, reply)  # type: ignore[arg-type]
+        send_now(self.transport, framed(*reply, found))  # type: ignore[arg-type]
+        if not found.keep_alive:
+            self.persistent = False
+            self.loseConnection()
         return True
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from attrs import frozen
 from twisted.internet import tcp
 from twisted.internet.interfaces import ISSLTransport
 
@@ -57,12 +58,27 @@ _TARGET = re.compile(rb"(?:/|http://)[\x21-\x7e]*\Z")
 
 _FIELD_VALUE = re.compile(rb"[\x20-\x7e\t]*\Z")
 
+_CONNECTION = (b"keep-alive", b"close")
 
-def simple_get(data: bytes) -> tuple[bytes, bytes] | None:
-    """``(target, host)`` when ``data`` is exactly one complete HTTP/1.1
-    ``GET`` head with a single ``Host`` and no field outside
-    :data:`IGNORED_ON_HIT` (``Connection`` only ``keep-alive``); None for
-    anything else."""
+
+@frozen
+class SimpleGet:
+    """A plain ``GET`` head, as :func:`simple_get` found it."""
+
+    target: bytes
+    host: bytes
+    version: bytes
+    """``HTTP/1.1`` or ``HTTP/1.0``."""
+    keep_alive: bool
+    """The connection stays open after the answer: HTTP/1.1 unless
+    ``Connection: close``; HTTP/1.0 only with ``Connection: keep-alive``."""
+
+
+def simple_get(data: bytes) -> SimpleGet | None:
+    """The head in ``data`` when it is exactly one complete HTTP/1.1 or
+    HTTP/1.0 ``GET`` head with a single ``Host`` and no field outside
+    :data:`IGNORED_ON_HIT` (``Connection`` at most once, ``keep-alive`` or
+    ``close``); None for anything else."""
     if (
         len(data) > MAX_QUICK_HEAD
         or not data.startswith(b"GET ")
@@ -71,9 +87,14 @@ def simple_get(data: bytes) -> tuple[bytes, bytes] | None:
         return None
     lines = data[:-4].split(b"\r\n")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not _TARGET.match(parts[1]):
+    if (
+        len(parts) != 3
+        or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0")
+        or not _TARGET.match(parts[1])
+    ):
         return None
     host: bytes | None = None
+    connection: bytes | None = None
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         lname = name.lower()
@@ -84,11 +105,31 @@ def simple_get(data: bytes) -> tuple[bytes, bytes] | None:
             if host is not None or not value:
                 return None
             host = value
-        elif lname == b"connection" and value.lower() != b"keep-alive":
-            return None
+        elif lname == b"connection":
+            if connection is not None or value.lower() not in _CONNECTION:
+                return None
+            connection = value.lower()
     if host is None:
         return None
-    return parts[1], host
+    version = parts[2]
+    if version == b"HTTP/1.1":
+        keep_alive = connection != b"close"
+    else:
+        keep_alive = connection == b"keep-alive"
+    return SimpleGet(parts[1], host, version, keep_alive)
+
+
+def framed(head: bytes, body: bytes, get: SimpleGet) -> bytes:
+    """The answer to ``get`` on the wire: ``head`` (an ``HTTP/1.1`` status
+    line and fields, each ending in CRLF) in the request's version, with a
+    ``Connection`` field saying whether the connection stays open."""
+    if get.version != b"HTTP/1.1":
+        head = get.version + head[len(b"HTTP/1.1") :]
+    if not get.keep_alive:
+        head += b"Connection: close\r\n"
+    elif get.version == b"HTTP/1.0":
+        head += b"Connection: keep-alive\r\n"
+    return head + b"\r\n" + body
 
 
 def plain_tcp(transport: Any) -> bool:
@@ -125,6 +166,8 @@ def send_now(transport: tcp.Connection, data: bytes) -> None:
 __all__ = [
     "IGNORED_ON_HIT",
     "MAX_QUICK_HEAD",
+    "SimpleGet",
+    "framed",
     "plain_tcp",
     "send_now",
     "simple_get",

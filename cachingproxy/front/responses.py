@@ -96,6 +96,10 @@ def set_head(
         out.setRawHeaders(b"Age", [b"%d" % int(age)])
     if length is not None:
         out.setRawHeaders(b"Content-Length", [b"%d" % length])
+    if request.responseHeaders.getRawHeaders(b"connection") == [b"close"]:
+        # twisted.web's answer to a client's "Connection: close" (RFC 9112
+        # 9.6: the last response says so too).
+        out.setRawHeaders(b"Connection", [b"close"])
     request.responseHeaders = out
     # A stored response without Content-Type must not get twisted's default.
     request.defaultContentType = None

@@ -117,7 +117,7 @@ class QuickHits:
 
     def answer(
         self, target: bytes, host: bytes, client: str | None, local: tuple[str, int]
-    ) -> bytes | None:
+    ) -> tuple[bytes, bytes] | None:
         key = (target, host, *local)
         ready = self._memo.get(key)
         if ready is None:
@@ -144,7 +144,7 @@ class QuickHits:
             head += b"Date: %s\r\n" % datetimeToString()
         self.answered += 1
         self._record(client, ready, now)
-        return head + b"\r\n" + ready.body
+        return head, ready.body
 
     # -- the request path's side ---------------------------------------------
 
@@ -160,7 +160,7 @@ class QuickHits:
             or entry.size > QUICK_MAX_BODY
             or request.code != 200
             or request.method != b"GET"
-            or request.clientproto != b"HTTP/1.1"
+            or request.clientproto not in (b"HTTP/1.1", b"HTTP/1.0")
             or request.sentLength != entry.size
         ):
             return
@@ -232,7 +232,10 @@ def _key(request: Request) -> Key | None:
             return None
         if lname == b"host":
             host = values[0]
-        elif lname == b"connection" and values[0].lower() != b"keep-alive":
+        elif lname == b"connection" and values[0].lower() not in (
+            b"keep-alive",
+            b"close",
+        ):
             return None
     if host is None:
         return None
@@ -246,9 +249,9 @@ def _fields(request: Request, dated: bool) -> bytes | None:
     lines: list[bytes] = []
     for name, values in request.responseHeaders.getAllRawHeaders():
         lname = name.lower()
-        if lname in (b"connection", b"transfer-encoding", b"set-cookie"):
-            return None  # not a plain keep-alive answer with a length
-        if lname == b"age" or (dated and lname == b"date"):
+        if lname in (b"transfer-encoding", b"set-cookie"):
+            return None  # not a plain answer with a length
+        if lname in (b"age", b"connection") or (dated and lname == b"date"):
             continue
         lines.extend(b"%s: %s\r\n" % (name, value) for value in values)
     return b"".join(lines)
