@@ -185,7 +185,7 @@ class Channel(StreamingChannel):
     def _answered_quickly(self, quick: IQuickHits, data: bytes) -> bool:
         """Answer ``data`` from ``quick`` if it is a plain repeat GET that
         the memo knows (front/quick.py, handler/quick.py)."""
-        found = simple_get(data)
+        found = simple_get(data, self.maxHeaders)
         if found is None:
             return False
         peer, local = self.getPeer(), self.getHost()

@@ -53,6 +53,10 @@ IGNORED_ON_HIT = frozenset(
 MAX_QUICK_HEAD = 8192
 """Longer heads go through the full parser."""
 
+MAX_QUICK_FIELDS = 100
+"""Heads with more fields go through the full parser (which refuses more
+than its ``maxHeaders`` with 431; the channel passes its own limit)."""
+
 _TARGET = re.compile(rb"(?:/|http://)[\x21-\x7e]*\Z")
 """An origin-form or plain-http absolute-form target of visible ASCII."""
 
@@ -74,11 +78,11 @@ class SimpleGet:
     ``Connection: close``; HTTP/1.0 only with ``Connection: keep-alive``."""
 
 
-def simple_get(data: bytes) -> SimpleGet | None:
+def simple_get(data: bytes, max_fields: int = MAX_QUICK_FIELDS) -> SimpleGet | None:
     """The head in ``data`` when it is exactly one complete HTTP/1.1 or
-    HTTP/1.0 ``GET`` head with a single ``Host`` and no field outside
-    :data:`IGNORED_ON_HIT` (``Connection`` at most once, ``keep-alive`` or
-    ``close``); None for anything else."""
+    HTTP/1.0 ``GET`` head with a single ``Host``, at most ``max_fields``
+    fields and none outside :data:`IGNORED_ON_HIT` (``Connection`` at most
+    once, ``keep-alive`` or ``close``); None for anything else."""
     if (
         len(data) > MAX_QUICK_HEAD
         or not data.startswith(b"GET ")
@@ -88,7 +92,8 @@ def simple_get(data: bytes) -> SimpleGet | None:
     lines = data[:-4].split(b"\r\n")
     parts = lines[0].split(b" ")
     if (
-        len(parts) != 3
+        len(lines) - 1 > max_fields
+        or len(parts) != 3
         or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0")
         or not _TARGET.match(parts[1])
     ):
@@ -165,6 +170,7 @@ def send_now(transport: tcp.Connection, data: bytes) -> None:
 
 __all__ = [
     "IGNORED_ON_HIT",
+    "MAX_QUICK_FIELDS",
     "MAX_QUICK_HEAD",
     "SimpleGet",
     "framed",
