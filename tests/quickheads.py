@@ -186,7 +186,9 @@ def conversations(draw: st.DrawFn) -> list[str]:
     empty line before a head."""
     packets: list[str] = []
     for head in draw(st.lists(heads(), min_size=1, max_size=4)):
-        how = draw(st.sampled_from(["whole"] * 6 + ["cut", "join", "crlf", "trailing"]))
+        how = draw(
+            st.sampled_from(["whole"] * 4 + ["cut", "join", "crlf", "crlf", "trailing"])
+        )
         if how == "cut" and len(head) > 1:
             at = draw(st.integers(1, len(head) - 1))
             packets += [head[:at], head[at:]]

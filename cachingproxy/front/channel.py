@@ -199,6 +199,9 @@ class Channel(StreamingChannel):
             return False
         self.resetTimeout()
         self._stop_head_timer()
+        # As after a request the full parser read (its allContentReceived):
+        # one empty line before the next request line is skipped again.
+        self._HTTPChannel__first_line = 1
         send_now(self.transport, framed(*reply, found))  # type: ignore[arg-type]
         if not found.keep_alive:
             self.persistent = False
