@@ -203,18 +203,30 @@ class QuickHits:
     # -- internals -------------------------------------------------------------
 
     def _keep(self, key: Key, ready: Prepared) -> None:
-        if len(ready.body) != ready.entry.size or ready.size > self._max_bytes:
+        if len(ready.body) != ready.entry.size or _cost(key, ready) > self._max_bytes:
             return
         self._drop(key)
         self._memo[key] = ready
-        self._bytes += ready.size
+        self._bytes += _cost(key, ready)
         while self._bytes > self._max_bytes:
             self._drop(next(iter(self._memo)))
 
     def _drop(self, key: Key) -> None:
         ready = self._memo.pop(key, None)
         if ready is not None:
-            self._bytes -= ready.size
+            self._bytes -= _cost(key, ready)
+
+
+_ITEM_OVERHEAD = 512
+"""Bytes counted for each kept response beside its head, body and key (the
+Python objects that hold them)."""
+
+
+def _cost(key: Key, ready: Prepared) -> int:
+    """What keeping ``ready`` under ``key`` takes: its head and body, and the
+    key, whose target and ``Host`` may be long (a fragment makes a new key
+    for the same stored URL on every request)."""
+    return ready.size + len(key[0]) + len(key[1]) + _ITEM_OVERHEAD
 
 
 def _key(request: Request) -> Key | None:
