@@ -257,7 +257,11 @@ class Sendfile:
         peer = getattr(self._transport.getPeer(), "host", "")
         if way_for(peer) == MAPPED and MAPPED_NOW.take():
             self._windows = _Windows(self._body, self._end)
-        self._fd = os.dup(self._transport.fileno())
+        try:
+            self._fd = os.dup(self._transport.fileno())
+        except OSError as e:  # EMFILE: give back what was taken
+            self._finish(e, unregister=False)
+            return self._deferred
         self._consumer.registerProducer(self, True)
         self._consumer.write(b"")  # the response head, through the transport
         if not self._done:
