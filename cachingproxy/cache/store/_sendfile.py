@@ -26,6 +26,7 @@ producer path: :func:`socket_of` answers None for it.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import mmap
 import os
@@ -337,7 +338,15 @@ class Sendfile:
                 self._unmap()
                 return self._send_file()
             with part:
-                sent = os.write(self._fd, part)
+                try:
+                    sent = os.write(self._fd, part)
+                except OSError as e:
+                    if e.errno == errno.EFAULT:
+                        # The file was cut under the window: the kernel
+                        # cannot read its pages past the end (no SIGBUS in
+                        # a system call), as sendfile would send nothing.
+                        raise BodyMissing("body is truncated") from None
+                    raise
                 wanted = len(part)
             self._count(sent)
             budget -= sent
