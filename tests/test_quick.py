@@ -31,6 +31,7 @@ from tests.support import (
     start_proxy,
     stored,
 )
+from tests.test_mirror import WHEEL, demo_mirror
 
 BODY = os.urandom(20_000)
 PLAIN = "Host: {host}\r\nUser-Agent: pip/24\r\nAccept: */*\r\nAccept-Encoding: gzip\r\n"
@@ -443,3 +444,41 @@ class RepeatHitTests(TestCase):
             self.assertEqual(self.quick.answered, 0)
 
         return run(scenario())
+
+
+class PublishedDigestTests(TestCase):
+    """A mirror file kept before its index published a digest is kept again
+    once the request path has checked it against that digest."""
+
+    def test_kept_again_after_an_index_publishes(self) -> defer.Deferred[None]:
+        async def scenario() -> None:
+            _, _, service, port = demo_mirror(self, WHEEL)
+            host = f"127.0.0.1:{port}"
+            wheel = "/pypi/packages/demo-1.0-py3-none-any.whl"
+            assert service.proxy is not None and service.proxy.quick is not None
+            quick = service.proxy.quick
+            talk = await Conversation.open(self, port)
+            for cache in ("MISS", "HIT", "HIT"):
+                _, headers, body = await talk.get(head(wheel, host))
+                self.assertEqual((headers["x-cache"], body), ([cache], WHEEL))
+                if cache == "MISS":
+                    await stored(service, URL_OF(service, wheel))
+            self.assertEqual(quick.answered, 1)
+            status, _, _ = await talk.get(head("/pypi/simple/demo/", host))
+            self.assertEqual(status, 200)  # publishes the wheel's sha256
+            for _ in range(3):
+                _, headers, body = await talk.get(head(wheel, host))
+                self.assertEqual((headers["x-cache"], body), (["HIT"], WHEEL))
+            # The first went the request path (checked against the digest
+            # and kept again); the next two came from memory.
+            self.assertEqual(quick.answered, 3)
+
+        return run(scenario())
+
+
+def URL_OF(service: Any, local: str) -> str:  # noqa: N802
+    """The cache key of a mirrored local path."""
+    assert service.proxy is not None
+    match = service.proxy.mirrors.match(local)
+    assert match is not None
+    return str(match.key_url)

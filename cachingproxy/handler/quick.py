@@ -166,7 +166,11 @@ class QuickHits:
             return
         key = _key(request)
         kept = None if key is None else self._memo.get(key)
-        if key is None or (kept is not None and kept.entry is entry):
+        if key is None or (
+            kept is not None
+            and kept.entry is entry
+            and kept.expected == info.expected  # an index may publish one later
+        ):
             return
         dated = entry.header("date") is None
         fields = _fields(request, dated)
