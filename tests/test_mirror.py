@@ -120,6 +120,37 @@ class MirrorTests(TestCase):
         self.assertEqual(service.proxy.quick.answered, 2)
         self.assertEqual(origin.count("/pkg-1.0.tar.gz"), 1)
 
+    def test_upstream_cache_names_its_own_upstream(self) -> defer.Deferred[None]:
+        """Behind another cache (which says ``X-Cache-Upstream`` of its own
+        upstream), the mirror names only its own upstream, on a MISS, a HIT
+        and a redirect it rewrites (SPEC 5, 6)."""
+        return run(self._chained())
+
+    async def _chained(self) -> None:
+        origin, oport = start_origin(self)
+        base = f"http://127.0.0.1:{oport}/"
+        theirs = [("X-Cache-Upstream", "https://elsewhere.example/")]
+        origin.static("/pkg-1.0.tar.gz", WHEEL, theirs)
+        origin.static(
+            "/old/pkg.tar.gz", b"", [*theirs, ("Location", "/pkg-1.0.tar.gz")], 301
+        )
+        _, pport = start_proxy(self, mirrors=(Mirror("/m/", (base,)),))
+        seen = []
+        for path in ("/m/pkg-1.0.tar.gz", "/m/pkg-1.0.tar.gz", "/m/old/pkg.tar.gz"):
+            request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{pport}\r\n\r\n"
+            status, headers, _ = parse_raw_response(
+                await raw_exchange(self, pport, request.encode())
+            )
+            seen.append((status, headers["x-cache"], headers["x-cache-upstream"]))
+            if status == 301:
+                self.assertEqual(
+                    headers["location"], [f"http://127.0.0.1:{pport}/m/pkg-1.0.tar.gz"]
+                )
+        self.assertEqual(
+            seen,
+            [(200, ["MISS"], [base]), (200, ["HIT"], [base]), (301, ["MISS"], [base])],
+        )
+
     def test_fallback_on_404_and_refused(self) -> defer.Deferred[None]:
         """The first upstream answering 404 (or refusing connections) makes
         the proxy try the next one."""

@@ -45,6 +45,17 @@ def end_to_end(headers: Iterable[Header]) -> list[Header]:
     return [(k, v) for k, v in items if not is_hop_by_hop(k, extra)]
 
 
+PER_CACHE = frozenset({"x-cache-upstream"})
+"""Fields each cache sets for its own clients: an upstream's value (another
+cache's, in a chain of them) describes that cache's upstream, not ours."""
+
+
+def received(headers: Iterable[Header]) -> list[Header]:
+    """An upstream response's fields as a response of this cache starts
+    from: end to end, without the upstream cache's own :data:`PER_CACHE`."""
+    return [(k, v) for k, v in end_to_end(headers) if k.lower() not in PER_CACHE]
+
+
 def get(headers: Iterable[Header], name: str) -> str | None:
     """All values of ``name`` joined by ``", "``; None when absent."""
     lname = name.lower()
@@ -188,6 +199,7 @@ def _rfc850_year(two_digits: int, now: float | None) -> int:
 
 __all__ = [
     "HOP_BY_HOP",
+    "PER_CACHE",
     "connection_tokens",
     "content_length",
     "delta_seconds",
@@ -196,4 +208,5 @@ __all__ = [
     "is_hop_by_hop",
     "parse_cache_control",
     "parse_http_date",
+    "received",
 ]

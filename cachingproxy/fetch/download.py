@@ -311,7 +311,7 @@ class Download:
 
     def _got_response(self, response: IResponse) -> defer.Deferred[None] | None:
         status = response.code
-        headers = H.end_to_end(pairs_from_headers(response.headers))
+        headers = H.received(pairs_from_headers(response.headers))
         phrase = response.phrase.decode("latin-1", "replace")
         if (status >= 500 or status == 404) and self._candidates:
             _log.info(

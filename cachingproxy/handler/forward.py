@@ -99,7 +99,7 @@ class Forwarder:
             response,
             response.code,
             response.phrase.decode("latin-1", "replace"),
-            tuple(H.end_to_end(pairs_from_headers(response.headers))),
+            tuple(H.received(pairs_from_headers(response.headers))),
             cache,
         )
         # A successful unsafe method makes what is stored of it stale (SPEC 3).
