@@ -27,6 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent
 
 from cachingproxy.workers import ramdir
+from cachingproxy.workers.claims import key_of
 
 from .support import (
     NOT_DONE_YET,
@@ -711,6 +712,24 @@ class ClaimsTests(SynchronousTestCase):
         self.assertEqual(self.claims.mark_purged(lambda u: u.startswith("http://x")), 1)
         self.assertTrue(claim.purged)
         self.assertFalse(other.purged)
+
+    def test_a_purge_mark_left_behind_does_not_mark_the_next_claim(self) -> None:
+        """A purge that marks a claim just as its owner releases it (the
+        mark written after release removed the old one) leaves the file
+        behind; the next claim of the URL, a download started after that
+        purge, is not purged by it."""
+        claim = self.claims.acquire(self.url)
+        assert claim is not None
+        states = self.claims.states()  # the purge reads the claims in flight …
+        claim.release(state="done", size=1)  # … the owner finishes …
+        for state in states:  # … and the purge writes its mark
+            with open(self.claims._path(key_of(state.url), ".purged"), "wb"):
+                pass
+        again = self.claims.acquire(self.url)
+        assert again is not None
+        self.assertFalse(again.purged)
+        self.assertEqual(self.claims.mark_purged(lambda u: True), 1)
+        self.assertTrue(again.purged)
 
     def test_forget(self) -> None:
         """A released claim's state is removed by forget() unless a new

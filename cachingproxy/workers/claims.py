@@ -183,6 +183,10 @@ class Claims:
                 if previous is not None and unless(previous):
                     os.close(fd)
                     return None
+                # A mark left by a purge that raced the previous owner's
+                # release is not about this download, which starts now.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(key, ".purged"))
                 state = ClaimState(
                     id=secrets.token_hex(8),
                     url=url,
