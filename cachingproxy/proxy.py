@@ -153,7 +153,7 @@ class Proxy:
                 clock,
                 reusable=self.cached.reusable,
                 allowed=self._client_allowed,
-                purging=self.downloads.purging,
+                purging=self.downloads.is_purging,
                 expected=self.mirrors.expected,
                 record=self._record_quick,
             )

@@ -165,6 +165,10 @@ class Downloads:
             outcome = await self.wait(sibling, client_headers)
         return sibling, outcome
 
+    def is_purging(self, url: str) -> bool:
+        """Whether a purge marking ``url`` is in progress (nothing made)."""
+        return any(matches(url) for matches, _ in self._purges)
+
     def purging(self, url: str) -> defer.Deferred[None] | None:
         """Fires when the purges marking ``url`` are over (None: there are
         none): nothing is served from the store for a key being purged."""

@@ -94,7 +94,7 @@ class QuickHits:
         *,
         reusable: Callable[[Rule, StoredResponse, float], bool],
         allowed: Callable[[str], bool],
-        purging: Callable[[str], object | None],
+        purging: Callable[[str], bool],
         expected: Callable[[str], tuple[str, str] | None],
         record: Record,
         max_bytes: int = QUICK_MAX_BYTES,
@@ -125,7 +125,7 @@ class QuickHits:
         if client is not None and not self._allowed(client):
             return None
         url, entry = ready.url, ready.entry
-        if self._purging(url) is not None:
+        if self._purging(url):
             return None
         known = self._known.known(url)
         if known is None:
