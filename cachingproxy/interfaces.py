@@ -344,13 +344,18 @@ class IQuickHits(Interface):
     (:func:`cachingproxy.front.quick.simple_get`)."""
 
     def answer(
-        target: bytes, host: bytes, client: str | None, local: tuple[str, int]
+        target: bytes,
+        host: bytes,
+        client: str | None,
+        local: tuple[str, int],
+        conditions: tuple[tuple[str, str], ...] = (),
     ) -> tuple[bytes, bytes] | None:
         """The response's head (an ``HTTP/1.1`` status line and its fields,
         each ending in CRLF, without ``Connection``) and body for ``GET
         target`` with ``Host: host`` from ``client`` on the ``local`` address and port,
-        logged and counted as the request path would; None: let the request
-        path serve it."""
+        logged and counted as the request path would: ``304`` and no body
+        when the entry satisfies ``conditions`` (``If-None-Match``,
+        ``If-Modified-Since``); None: let the request path serve it."""
 
 
 __all__ = [

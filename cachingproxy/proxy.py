@@ -353,10 +353,12 @@ class Proxy:
             info,
         )
 
-    def _record_quick(self, client: str | None, ready: Prepared, now: float) -> None:
+    def _record_quick(
+        self, client: str | None, ready: Prepared, now: float, status: int, sent: int
+    ) -> None:
         """The record of a repeat hit answered from memory."""
         info = Exchange(now, CacheStatus.HIT, ready.upstream, ready.url)
-        self._record(client or "-", "GET", ready.url, 200, len(ready.body), now, info)
+        self._record(client or "-", "GET", ready.url, status, sent, now, info)
 
     def _record(
         self,

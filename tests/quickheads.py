@@ -26,7 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from cachingproxy.front.channel import ProxySite
-from cachingproxy.front.quick import IGNORED_ON_HIT
+from cachingproxy.front.quick import CONDITIONS, IGNORED_ON_HIT
 
 _SOMETIMES = st.sampled_from([False] * 5 + [True])
 """Odd one time in six (and plain when shrunk)."""
@@ -71,11 +71,11 @@ _HOST_ODDITIES = [
     "localhost:{P}:{P}",
     "",
 ]
-FIELDS = sorted(n.decode() for n in IGNORED_ON_HIT if n != b"host")
+FIELDS = sorted(n.decode() for n in IGNORED_ON_HIT | CONDITIONS if n != b"host")
 _FOREIGN = [
     "Range",
-    "If-None-Match",
-    "If-Modified-Since",
+    "If-Match",
+    "If-Range",
     "Cache-Control",
     "Pragma",
     "Via",
@@ -95,6 +95,11 @@ _FOREIGN = [
     "Accept\x00",
 ]
 _VALUES = [
+    '"v1"',
+    'W/"v1", "v0"',
+    "*",
+    "Fri, 01 Jan 2100 00:00:00 GMT",
+    "Thu, 01 Jan 1970 00:00:00 GMT",
     "*/*",
     "gzip, deflate",
     "pip/24.0",

@@ -108,7 +108,9 @@ class SimpleGetTests(SynchronousTestCase):
             b"GET / HTTP/1.1\r\nHost: h\r\nHost: i\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: \r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: h\r\nRange: bytes=0-1\r\n\r\n",
-            b'GET / HTTP/1.1\r\nHost: h\r\nIf-None-Match: "x"\r\n\r\n',
+            b'GET / HTTP/1.1\r\nHost: h\r\nIf-None-Match: "x"\r\nIf-None-Match: "y"\r\n\r\n',
+            b"GET / HTTP/1.1\r\nHost: h\r\nIf-Match: *\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nIf-Range: x\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: h\r\nCache-Control: no-cache\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: h\r\nPragma: no-cache\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: h\r\nVia: 1.1 other\r\n\r\n",
@@ -177,7 +179,9 @@ class AnswerTests(SynchronousTestCase):
             allowed=lambda client: self.allowed,
             purging=lambda url: self.purge,
             expected=lambda url: self.digest,
-            record=lambda client, ready, now: self.records.append((client, now)),
+            record=lambda client, ready, now, status, sent: self.records.append(
+                (client, now)
+            ),
         )
         self.quick._keep(
             (b"/f", b"o", "127.0.0.1", 80),
@@ -189,6 +193,7 @@ class AnswerTests(SynchronousTestCase):
                 mirror=True,
                 expected=None,
                 head=b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n",
+                head304=b"HTTP/1.1 304 Not Modified\r\n",
                 dated=False,
                 body=b"abc",
             ),
@@ -340,10 +345,6 @@ class RepeatHitTests(TestCase):
                 head(self.url, self.host, "Range: bytes=0-9\r\n")
             )
             self.assertEqual((status, body), (206, BODY[:10]))
-            status, _, body = await talk.get(
-                head(self.url, self.host, 'If-None-Match: "v1"\r\n')
-            )
-            self.assertEqual((status, body), (304, b""))
             # A client asking for a fresh copy revalidates upstream.
             status, headers, _ = await talk.get(
                 head(self.url, self.host, "Cache-Control: no-cache\r\n")
@@ -385,6 +386,52 @@ class RepeatHitTests(TestCase):
             self.assertEqual((headers["x-cache"], body), (["MISS"], BODY))
             self.assertEqual(self.quick.answered, 2)
             self.assertEqual(self.origin.count("/f.dat"), 3)
+
+        return run(scenario())
+
+    def test_conditionals_from_memory(self) -> defer.Deferred[None]:
+        """``If-None-Match``/``If-Modified-Since`` on a kept hit: 304 when the
+        entry satisfies them (the request path's 304 head: no
+        Content-Length), else the whole body; logged with their status."""
+
+        async def scenario() -> None:
+            talk = await Conversation.open(self, self.port)
+            await self.warm(talk)
+            stats = self.service.proxy.stats  # type: ignore[union-attr]
+            cases = [
+                ('If-None-Match: "v1"\r\n', 304),
+                ('If-None-Match: W/"v1", "v0"\r\n', 304),
+                ('If-None-Match: "v2"\r\n', 200),
+                ("If-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT\r\n", 200),
+            ]
+            for extra, expected in cases:
+                status, headers, body = await talk.get(head(self.url, self.host, extra))
+                self.assertEqual(status, expected, extra)
+                self.assertEqual(headers["x-cache"], ["HIT"])
+                self.assertEqual(headers["etag"], ['"v1"'])
+                if expected == 304:
+                    self.assertEqual(body, b"")
+                    self.assertNotIn("content-length", headers)
+                else:
+                    self.assertEqual(body, BODY)
+            self.assertEqual(self.quick.answered, 4)
+            self.assertEqual(stats.from_cache, 5)
+            self.assertEqual(stats.bytes_from_cache, 2 * len(BODY) + len(BODY))
+            # The same 304 as the request path gives (memo forgotten).
+            self.quick.clear()
+            raw_304 = await talk.get(
+                head(self.url, self.host, 'If-None-Match: "v1"\r\n')
+            )
+            self.assertEqual(self.quick.answered, 4)
+            status, headers, body = raw_304
+            self.assertEqual((status, body), (304, b""))
+            self.assertNotIn("content-length", headers)
+            await pause(0.05)
+            with open(self.log) as f:
+                statuses = [line.split()[4] for line in f if "/f.dat" in line]
+            self.assertEqual(
+                statuses, ["200", "200", "304", "304", "200", "200", "304"]
+            )
 
         return run(scenario())
 

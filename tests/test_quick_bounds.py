@@ -39,7 +39,7 @@ class MemoBoundTests(SynchronousTestCase):
             allowed=lambda client: True,
             purging=lambda url: None,
             expected=lambda url: None,
-            record=lambda client, ready, now: None,
+            record=lambda client, ready, now, status, sent: None,
             max_bytes=bound,
         )
         entry = StoredResponse(
@@ -63,6 +63,7 @@ class MemoBoundTests(SynchronousTestCase):
                 mirror=False,
                 expected=None,
                 head=head,
+                head304=head,
                 dated=False,
                 body=b"",
             )

@@ -194,6 +194,7 @@ class Channel(StreamingChannel):
             found.host,
             getattr(peer, "host", None),
             (getattr(local, "host", ""), getattr(local, "port", 0)),
+            found.conditions,
         )
         if reply is None:
             return False

@@ -50,6 +50,10 @@ IGNORED_ON_HIT = frozenset(
 (``Accept-Encoding`` selects a variant only through ``Vary``; entries with
 ``Vary`` are never answered quickly.)"""
 
+CONDITIONS = frozenset({b"if-none-match", b"if-modified-since"})
+"""Conditional fields (at most once each) that a hit answers by itself: a
+``304`` when the stored entry satisfies them, else the whole body."""
+
 MAX_QUICK_HEAD = 8192
 """Longer heads go through the full parser."""
 
@@ -76,13 +80,16 @@ class SimpleGet:
     keep_alive: bool
     """The connection stays open after the answer: HTTP/1.1 unless
     ``Connection: close``; HTTP/1.0 only with ``Connection: keep-alive``."""
+    conditions: tuple[tuple[str, str], ...] = ()
+    """The head's :data:`CONDITIONS`, as (name, value)."""
 
 
 def simple_get(data: bytes, max_fields: int = MAX_QUICK_FIELDS) -> SimpleGet | None:
     """The head in ``data`` when it is exactly one complete HTTP/1.1 or
     HTTP/1.0 ``GET`` head with a single ``Host``, at most ``max_fields``
-    fields and none outside :data:`IGNORED_ON_HIT` (``Connection`` at most
-    once, ``keep-alive`` or ``close``); None for anything else."""
+    fields and none outside :data:`IGNORED_ON_HIT` and :data:`CONDITIONS`
+    (``Connection`` at most once, ``keep-alive`` or ``close``); None for
+    anything else."""
     if (
         len(data) > MAX_QUICK_HEAD
         or not data.startswith(b"GET ")
@@ -100,13 +107,22 @@ def simple_get(data: bytes, max_fields: int = MAX_QUICK_FIELDS) -> SimpleGet | N
         return None
     host: bytes | None = None
     connection: bytes | None = None
+    conditions: list[tuple[str, str]] = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         lname = name.lower()
-        if not sep or lname not in IGNORED_ON_HIT or not _FIELD_VALUE.match(value):
+        if (
+            not sep
+            or (lname not in IGNORED_ON_HIT and lname not in CONDITIONS)
+            or not _FIELD_VALUE.match(value)
+        ):
             return None  # also: a name with spaces, obs-fold, a bare CR or LF
         value = value.strip(b" \t")
-        if lname == b"host":
+        if lname in CONDITIONS:
+            if any(n == lname.decode() for n, _ in conditions):
+                return None
+            conditions.append((lname.decode(), value.decode("latin-1")))
+        elif lname == b"host":
             if host is not None or not value:
                 return None
             host = value
@@ -121,7 +137,7 @@ def simple_get(data: bytes, max_fields: int = MAX_QUICK_FIELDS) -> SimpleGet | N
         keep_alive = connection != b"close"
     else:
         keep_alive = connection == b"keep-alive"
-    return SimpleGet(parts[1], host, version, keep_alive)
+    return SimpleGet(parts[1], host, version, keep_alive, tuple(conditions))
 
 
 def framed(head: bytes, body: bytes, get: SimpleGet) -> bytes:
@@ -169,6 +185,7 @@ def send_now(transport: tcp.Connection, data: bytes) -> None:
 
 
 __all__ = [
+    "CONDITIONS",
     "IGNORED_ON_HIT",
     "MAX_QUICK_FIELDS",
     "MAX_QUICK_HEAD",

@@ -39,11 +39,12 @@ from zope.interface import implementer
 
 from cachingproxy.cache.age import current_age
 from cachingproxy.cache.entry import StoredResponse
+from cachingproxy.cache.policy import not_modified
 from cachingproxy.cache.status import CacheStatus
 from cachingproxy.config import Rule
 from cachingproxy.front.exchange import Exchange
 from cachingproxy.front.origdst import original_destination
-from cachingproxy.front.quick import IGNORED_ON_HIT, plain_tcp
+from cachingproxy.front.quick import CONDITIONS, IGNORED_ON_HIT, plain_tcp
 from cachingproxy.interfaces import ICacheStore, IKnownLookups, IQuickHits
 from cachingproxy.mirror.documents import read_entry
 
@@ -70,17 +71,21 @@ class Prepared:
     expected: tuple[str, str] | None
     head: bytes
     """The status line and every field but ``Age`` (and a made ``Date``)."""
+    head304: bytes
+    """The same for a ``304`` (no ``Content-Length``), as the request path
+    answers a satisfied conditional."""
     dated: bool
     """The stored response has no ``Date``: one is made per answer."""
     body: bytes
 
     @property
     def size(self) -> int:
-        return len(self.head) + len(self.body)
+        return len(self.head) + len(self.head304) + len(self.body)
 
 
-Record = Callable[[str | None, Prepared, float], None]
-"""Logs and counts one answer: client address, what was sent, when."""
+Record = Callable[[str | None, Prepared, float, int, int], None]
+"""Logs and counts one answer: client address, what was answered, when,
+the status and the body bytes sent."""
 
 
 @implementer(IQuickHits)
@@ -116,7 +121,12 @@ class QuickHits:
     # -- the channel's side ---------------------------------------------------
 
     def answer(
-        self, target: bytes, host: bytes, client: str | None, local: tuple[str, int]
+        self,
+        target: bytes,
+        host: bytes,
+        client: str | None,
+        local: tuple[str, int],
+        conditions: tuple[tuple[str, str], ...] = (),
     ) -> tuple[bytes, bytes] | None:
         key = (target, host, *local)
         ready = self._memo.get(key)
@@ -139,12 +149,16 @@ class QuickHits:
         if ready.mirror and self._expected(url) != ready.expected:
             return None
         self._store.touch(entry)
-        head = ready.head + b"Age: %d\r\n" % int(current_age(entry, now))
+        if conditions and not_modified(entry, conditions):
+            status, head, body = 304, ready.head304, b""
+        else:
+            status, head, body = 200, ready.head, ready.body
+        head += b"Age: %d\r\n" % int(current_age(entry, now))
         if ready.dated:
             head += b"Date: %s\r\n" % datetimeToString()
         self.answered += 1
-        self._record(client, ready, now)
-        return head, ready.body
+        self._record(client, ready, now, status, len(body))
+        return head, body
 
     # -- the request path's side ---------------------------------------------
 
@@ -176,7 +190,13 @@ class QuickHits:
         fields = _fields(request, dated)
         if fields is None:
             return
-        head = b"HTTP/1.1 200 %s\r\n%s" % (request.code_message, fields)
+        head = b"HTTP/1.1 200 %s\r\n%s" % (
+            request.code_message,
+            b"".join(line for _, line in fields),
+        )
+        head304 = b"HTTP/1.1 304 Not Modified\r\n" + b"".join(
+            line for name, line in fields if name != b"content-length"
+        )
         rule = info.rule
 
         def keep(body: bytes) -> None:
@@ -190,6 +210,7 @@ class QuickHits:
                     mirror=info.mirror,
                     expected=info.expected,
                     head=head,
+                    head304=head304,
                     dated=dated,
                     body=body,
                 ),
@@ -244,7 +265,9 @@ def _key(request: Request) -> Key | None:
     host: bytes | None = None
     for name, values in request.requestHeaders.getAllRawHeaders():
         lname = name.lower()
-        if lname not in IGNORED_ON_HIT or len(values) != 1:
+        if (lname not in IGNORED_ON_HIT and lname not in CONDITIONS) or len(
+            values
+        ) != 1:
             return None
         if lname == b"host":
             host = values[0]
@@ -259,18 +282,18 @@ def _key(request: Request) -> Key | None:
     return request.uri, host, getattr(local, "host", ""), getattr(local, "port", 0)
 
 
-def _fields(request: Request, dated: bool) -> bytes | None:
+def _fields(request: Request, dated: bool) -> list[tuple[bytes, bytes]] | None:
     """The response's fields as sent, but those made per answer (``Age``,
-    and ``Date`` when ``dated``)."""
-    lines: list[bytes] = []
+    and ``Date`` when ``dated``): (lower-cased name, line)."""
+    lines: list[tuple[bytes, bytes]] = []
     for name, values in request.responseHeaders.getAllRawHeaders():
         lname = name.lower()
         if lname in (b"transfer-encoding", b"set-cookie"):
             return None  # not a plain answer with a length
         if lname in (b"age", b"connection") or (dated and lname == b"date"):
             continue
-        lines.extend(b"%s: %s\r\n" % (name, value) for value in values)
-    return b"".join(lines)
+        lines.extend((lname, b"%s: %s\r\n" % (name, value)) for value in values)
+    return lines
 
 
 __all__ = ["QUICK_MAX_BODY", "Prepared", "QuickHits"]
