@@ -4,11 +4,13 @@ without twisted.web's request machinery.
 A client that fetches the same stored files again and again (a CI farm
 restoring its wheels) sends heads with nothing in them that a hit depends
 on.  :func:`simple_get` recognises exactly those — one complete
-``GET … HTTP/1.1`` head whose fields are all in :data:`IGNORED_ON_HIT` — so
-the channel can ask the proxy's :class:`~cachingproxy.interfaces.IQuickHits`
-for the stored answer.  Anything else (a header a hit depends on, a second
-request in the same bytes, an odd byte, an HTTP/1.0 client) answers None
-and goes through the full parser with all of SPEC 8's checks.
+``GET … HTTP/1.1`` (or ``HTTP/1.0``) head whose fields are all in
+:data:`IGNORED_ON_HIT` or :data:`CONDITIONS` — so the channel can ask the
+proxy's :class:`~cachingproxy.interfaces.IQuickHits` for the stored answer,
+and :func:`framed` puts it in the request's version with the connection's
+fate.  Anything else (a header a hit depends on, a second request in the
+same bytes, an odd byte, too many fields) answers None and goes through the
+full parser with all of SPEC 8's checks.
 
 :func:`send_now` writes an answer straight to an idle socket, sparing the
 reactor a round of write-readiness for a response that fits the socket

@@ -4,7 +4,7 @@ When the request path has served a small stored body whole as a ``HIT`` to
 a plain ``GET`` (one that :func:`cachingproxy.front.quick.simple_get`
 recognises), :meth:`QuickHits.offer` keeps the response it sent — status
 line, fields and body — under the request's target, ``Host`` and local
-port.  The next such head on any plain-TCP connection is answered from that
+address and port.  The next such head on any plain-TCP connection is answered from that
 memo by :meth:`QuickHits.answer`, without a twisted.web ``Request``, the
 router or the cached path, but only after the checks that decide a hit are
 made again on the same values:
@@ -20,10 +20,11 @@ made again on the same values:
   was checked against.
 
 ``Age`` (and ``Date`` where the stored response has none) is made for each
-answer; the access log and the statistics get the same record as from the
-request path.  Anything else — a ``Vary``, a range, a conditional, a body
-over :data:`QUICK_MAX_BODY` — is never kept, so it is always served by the
-request path.
+answer, and ``If-None-Match``/``If-Modified-Since`` get the request path's
+``304`` when the entry satisfies them; the access log and the statistics get
+the same record as from the request path.  Anything else — a ``Vary``, a
+range, another conditional, a body over :data:`QUICK_MAX_BODY` — is never
+kept or answered here, so it is always served by the request path.
 """
 
 from __future__ import annotations
