@@ -24,12 +24,12 @@ from tests.support import (
     RawClient,
     _response_complete,
     parse_raw_response,
-    pause,
     raw_connect,
     run,
     start_origin,
     start_proxy,
     stored,
+    wait_for,
 )
 from tests.test_mirror import WHEEL, demo_mirror
 
@@ -246,6 +246,13 @@ class AnswerTests(SynchronousTestCase):
         self.assertEqual(len(self.records), 1)
 
 
+def _answered(raw: bytes) -> bool:
+    """Whether ``raw`` holds one whole response (a 304 has no body)."""
+    return (raw.startswith(b"HTTP/1.1 304 ") and b"\r\n\r\n" in raw) or (
+        _response_complete(raw)
+    )
+
+
 class Conversation:
     """Requests one after another on one keep-alive connection."""
 
@@ -259,10 +266,7 @@ class Conversation:
     async def get(self, data: bytes) -> tuple[int, dict[str, list[str]], bytes]:
         self.client.received.clear()
         self.client.transport.write(data)  # type: ignore[union-attr]
-        for _ in range(1000):
-            if _response_complete(bytes(self.client.received)):
-                break
-            await pause(0.005)
+        await wait_for(lambda: _answered(bytes(self.client.received)), 10)
         return parse_raw_response(bytes(self.client.received))
 
 
@@ -285,6 +289,13 @@ class RepeatHitTests(TestCase):
         self.service, self.port = start_proxy(self, access_log=self.log)
         self.url = f"http://127.0.0.1:{self.origin_port}/f.dat"
         self.host = f"127.0.0.1:{self.origin_port}"
+
+    def logged(self) -> list[str]:
+        """The access log lines of the origin's ``/f.dat``."""
+        if not os.path.exists(self.log):
+            return []
+        with open(self.log) as f:
+            return [line for line in f if "/f.dat" in line]
 
     @property
     def quick(self) -> Any:
@@ -327,9 +338,8 @@ class RepeatHitTests(TestCase):
             stats = self.service.proxy.stats  # type: ignore[union-attr]
             self.assertEqual((stats.from_cache, stats.cache_misses), (5, 1))
             self.assertEqual(stats.bytes_from_cache, 5 * len(BODY))
-            await pause(0.05)
-            with open(self.log) as f:
-                lines = [line for line in f if "/f.dat" in line]
+            await wait_for(lambda: len(self.logged()) >= 6, 10)
+            lines = self.logged()
             self.assertEqual(len(lines), 6)
             self.assertEqual(sum(" HIT " in line for line in lines), 5)
 
@@ -355,10 +365,7 @@ class RepeatHitTests(TestCase):
             # Two heads in one packet: the full parser, in order.
             data = head(self.url, self.host) + head(self.url, self.host)
             client = await raw_connect(self, self.port, data)
-            for _ in range(400):
-                if client.received.count(BODY) == 2:
-                    break
-                await pause(0.005)
+            await wait_for(lambda: client.received.count(BODY) >= 2, 10)
             self.assertEqual(client.received.count(BODY), 2)
             self.assertEqual(self.quick.answered, 0)
 
@@ -426,9 +433,8 @@ class RepeatHitTests(TestCase):
             status, headers, body = raw_304
             self.assertEqual((status, body), (304, b""))
             self.assertNotIn("content-length", headers)
-            await pause(0.05)
-            with open(self.log) as f:
-                statuses = [line.split()[4] for line in f if "/f.dat" in line]
+            await wait_for(lambda: len(self.logged()) >= 7, 10)
+            statuses = [line.split()[4] for line in self.logged()]
             self.assertEqual(
                 statuses, ["200", "200", "304", "304", "200", "200", "304"]
             )
