@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from cachingproxy.cache.status import CacheStatus
+from cachingproxy.front import quick as heads
 from cachingproxy.front.gate import MAX_REQUEST_BODY, HeadGate, Refusal
 from cachingproxy.front.limits import (
     ConnectionLimiter,
@@ -28,7 +29,6 @@ from cachingproxy.front.limits import (
     held_back,
 )
 from cachingproxy.front.origdst import original_destination
-from cachingproxy.front.quick import framed, plain_tcp, send_now, simple_get
 from cachingproxy.front.streaming import StreamedRequest, StreamingChannel
 from cachingproxy.interfaces import IQuickHits
 
@@ -96,6 +96,8 @@ class Channel(StreamingChannel):
     """The head gate is checking credentials: reading is paused."""
     _content_waiting = False
     """The body was complete while the gate was still checking."""
+    _plain_get: heads.SimpleGet | None = None
+    """A plain GET head the memo did not know, for the request made of it."""
     _quick: IQuickHits | None = None
     """Where plain repeat GETs on this connection are answered from memory
     (a plain TCP connection, routed by its heads alone)."""
@@ -117,7 +119,7 @@ class Channel(StreamingChannel):
             quick = self.site.quick
             if (
                 quick is not None
-                and plain_tcp(self.transport)
+                and heads.plain_tcp(self.transport)
                 and original_destination(self.transport) is None
             ):
                 self._quick = quick
@@ -185,25 +187,21 @@ class Channel(StreamingChannel):
     def _answered_quickly(self, quick: IQuickHits, data: bytes) -> bool:
         """Answer ``data`` from ``quick`` if it is a plain repeat GET that
         the memo knows (front/quick.py, handler/quick.py)."""
-        found = simple_get(data, self.maxHeaders)
+        found = self._plain_get = heads.simple_get(data, self.maxHeaders)
         if found is None:
             return False
-        peer, local = self.getPeer(), self.getHost()
-        reply = quick.answer(
-            found.target,
-            found.host,
-            getattr(peer, "host", None),
-            (getattr(local, "host", ""), getattr(local, "port", 0)),
-            found.conditions,
-        )
+        client = getattr(self.getPeer(), "host", None)
+        local = self.getHost()
+        where = (getattr(local, "host", ""), getattr(local, "port", 0))
+        reply = quick.answer(found.target, found.host, client, where, found.conditions)
         if reply is None:
-            return False
+            return False  # the request made of it carries it (plain_get)
+        self._plain_get = None
         self.resetTimeout()
         self._stop_head_timer()
-        # As after a request the full parser read (its allContentReceived):
-        # one empty line before the next request line is skipped again.
+        # As after a parsed request: one empty line before the next is skipped.
         self._HTTPChannel__first_line = 1
-        send_now(self.transport, framed(*reply, found))  # type: ignore[arg-type]
+        heads.send_now(self.transport, heads.framed(*reply, found))  # type: ignore[arg-type]
         if not found.keep_alive:
             self.persistent = False
             self.loseConnection()
@@ -242,6 +240,8 @@ class Channel(StreamingChannel):
 
     def allHeadersReceived(self) -> None:  # noqa: N802
         self._stop_head_timer()
+        if self._plain_get is not None:  # the request made of this head
+            self.requests[-1].plain_get, self._plain_get = self._plain_get, None
         verdict = self._gate()
         if isinstance(verdict, Refusal):
             return self._reject(verdict.status, verdict.message, verdict.headers)
@@ -396,6 +396,10 @@ class ProxyRequest(StreamedRequest):
     twisted.web answers ``OPTIONS *`` itself with 200 before any resource
     runs, which would bypass --allow-client; the proxy refuses or 400s it.
     """
+
+    plain_get: heads.SimpleGet | None = None
+    """The head as :func:`~cachingproxy.front.quick.simple_get` read it when
+    the memo of repeat hits may keep this request's answer."""
 
     def _handleStar(self) -> None:  # noqa: N802
         site = self.site

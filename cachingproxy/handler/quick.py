@@ -44,8 +44,6 @@ from cachingproxy.cache.policy import not_modified
 from cachingproxy.cache.status import CacheStatus
 from cachingproxy.config import Rule
 from cachingproxy.front.exchange import Exchange
-from cachingproxy.front.origdst import original_destination
-from cachingproxy.front.quick import CONDITIONS, IGNORED_ON_HIT, plain_tcp
 from cachingproxy.interfaces import ICacheStore, IKnownLookups, IQuickHits
 from cachingproxy.mirror.documents import read_entry
 
@@ -256,31 +254,13 @@ def _cost(key: Key, ready: Prepared) -> int:
 
 
 def _key(request: Request) -> Key | None:
-    """The memo key of a request whose head :func:`simple_get` would
-    accept, on a plain TCP connection that is routed by its head alone; None
-    for any other."""
-    # A tunnel's inner requests (--intercept) have a TLS transport.
-    transport = request.transport
-    if not plain_tcp(transport) or original_destination(transport) is not None:
-        return None
-    host: bytes | None = None
-    for name, values in request.requestHeaders.getAllRawHeaders():
-        lname = name.lower()
-        if (lname not in IGNORED_ON_HIT and lname not in CONDITIONS) or len(
-            values
-        ) != 1:
-            return None
-        if lname == b"host":
-            host = values[0]
-        elif lname == b"connection" and values[0].lower() not in (
-            b"keep-alive",
-            b"close",
-        ):
-            return None
-    if host is None:
+    """The memo key of a request whose head the channel read as a plain
+    GET (``ProxyRequest.plain_get``); None for any other."""
+    get = getattr(request, "plain_get", None)
+    if get is None:
         return None
     local = request.getHost()
-    return request.uri, host, getattr(local, "host", ""), getattr(local, "port", 0)
+    return get.target, get.host, getattr(local, "host", ""), getattr(local, "port", 0)
 
 
 def _fields(request: Request, dated: bool) -> list[tuple[bytes, bytes]] | None:
